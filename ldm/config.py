@@ -1,0 +1,334 @@
+"""Frozen configs for every component, and the named presets of the Stable Diffusion families.
+
+Each config is built either from a preset (`SD15.unet`) or from the reference's own `config.json` dict
+(`UNetConfig.from_diffusers(d)`, `VAEConfig.from_diffusers(d)`, `CLIPTextConfig.from_transformers(d)`).
+The `from_*` readers follow one rule: every key the reference class accepts is accepted, `_`-prefixed
+bookkeeping keys are ignored, an unknown key is a `ValueError`, and a non-default value of a feature we do not
+implement is a `ValueError` naming the key. Fields carry their true meaning; where the reference's name differs,
+the comment says so. Derive variants with `dataclasses.replace`, never by mutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading reference config dicts
+
+
+def _read(d: dict[str, Any], owner: str, accepted: set[str], fixed: dict[str, Any]) -> dict[str, Any]:
+    """Check a reference config dict and return the keys we use.
+
+    accepted: every key the reference class accepts. fixed: keys whose value must equal the given default because
+    we implement only that (a non-default value is a feature we do not have).
+    """
+    out = {}
+    for key, value in d.items():
+        if key.startswith("_"):
+            continue  # bookkeeping: _class_name, _diffusers_version, _name_or_path, ...
+        if key not in accepted and key not in fixed:
+            raise ValueError(f"{owner}: unknown config key {key!r}")
+        if key in fixed:
+            expected = fixed[key]
+            if _normalise(value) != _normalise(expected):
+                raise ValueError(
+                    f"{owner}: config key {key!r} = {value!r} is not supported (only {expected!r} is implemented)"
+                )
+            continue
+        out[key] = value
+    return out
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE: diffusers AutoencoderKL
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3  # image channels
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per resolution level
+    layers_per_block: int = 2  # ResNet blocks per encoder level (the decoder has one more)
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215  # latents are multiplied by this before the UNet sees them
+    sample_size: int = 512  # the training image size; recorded, not used
+    force_upcast: bool = True  # diffusers' hint that fp16 decoding may overflow: decode in fp32
+    use_quant_conv: bool = True  # the 1x1 conv after the encoder (key `quant_conv`)
+    use_post_quant_conv: bool = True  # the 1x1 conv before the decoder (key `post_quant_conv`)
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "VAEConfig"
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        _positive(owner, in_channels=self.in_channels, out_channels=self.out_channels,
+                  latent_channels=self.latent_channels, layers_per_block=self.layers_per_block,
+                  norm_num_groups=self.norm_num_groups)
+        if not self.block_out_channels:
+            raise ValueError(f"{owner}: block_out_channels must not be empty")
+        for width in self.block_out_channels:
+            _positive(owner, block_out_channels=width)
+            if width % self.norm_num_groups:
+                raise ValueError(
+                    f"{owner}: block_out_channels entry {width} is not divisible by norm_num_groups "
+                    f"{self.norm_num_groups}"
+                )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, d: dict[str, Any]) -> "VAEConfig":
+        owner = "VAEConfig"
+        accepted = {f for f in cls.__dataclass_fields__} | {"down_block_types", "up_block_types"}
+        fixed = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None}
+        kw = _read(d, owner, accepted, fixed)
+        n = len(kw.get("block_out_channels", (64,)))  # diffusers' default is one level of 64
+        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = tuple(kw.pop(key, (block,)))
+            if types != (block,) * n:
+                raise ValueError(f"{owner}: config key {key!r} = {list(types)} is not supported "
+                                 f"(only {n} x {block!r}, one per block_out_channels entry)")
+        defaults = {"block_out_channels": (64,), "layers_per_block": 1, "sample_size": 32}  # diffusers' defaults
+        return cls(**{**defaults, **{k: _normalise(v) for k, v in kw.items()}})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP text encoder: transformers CLIPTextModel
+
+# Keys every transformers PretrainedConfig accepts (and old config.json files carry); they mean nothing here.
+_PRETRAINED_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "output_hidden_states",
+    "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
+    "problem_type", "initializer_range", "initializer_factor", "tie_word_embeddings", "use_cache", "name_or_path",
+    "is_decoder", "add_cross_attention", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "num_labels", "torchscript", "pruned_heads", "cross_attention_hidden_size",
+    "tf_legacy_loss", "use_bfloat16", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "gradient_checkpointing",
+}
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768  # D, the width of every token's hidden state
+    intermediate_size: int = 3072  # MLP width
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77  # S, the context length
+    hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1) or "gelu" (OpenCLIP, SD 2)
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768  # width of CLIPTextModelWithProjection's head; recorded, the text model has none
+    pad_token_id: int = 1  # recorded; padding is the tokenizer's business
+    bos_token_id: int = 0
+    # The pooled output is taken at the EOS token. transformers keeps a legacy rule: eos_token_id == 2 (as in the
+    # official SD configs) means "the position of the highest id", which is EOS (49407) in the CLIP vocabulary.
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        owner = "CLIPTextConfig"
+        _positive(owner, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                  intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                  num_attention_heads=self.num_attention_heads, max_position_embeddings=self.max_position_embeddings)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"{owner}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"{owner}: hidden_act {self.hidden_act!r} is not supported (use 'quick_gelu' or 'gelu')")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_transformers(cls, d: dict[str, Any]) -> "CLIPTextConfig":
+        accepted = set(cls.__dataclass_fields__) | _PRETRAINED_KEYS
+        # dropout is training-only; a non-zero value would change nothing at inference but is not implemented.
+        fixed = {"attention_dropout": 0.0, "dropout": 0.0}
+        kw = _read(d, "CLIPTextConfig", accepted, fixed)
+        defaults = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+                    "projection_dim": 512, "bos_token_id": 49406, "eos_token_id": 49407}  # transformers' defaults
+        kw = {**defaults, **kw}
+        return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UNet: diffusers UNet2DConditionModel
+
+_UNET_FIXED = {
+    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 4 latents, or 9 for inpainting (latents + mask + masked-image latents)
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    # Which levels carry spatial transformers (diffusers: CrossAttnDownBlock2D vs DownBlock2D; the up path mirrors).
+    cross_attention_levels: tuple[bool, ...] = (True, True, True, False)
+    layers_per_block: int = 2  # ResNet blocks per down level (the up path has one more)
+    # Attention heads per level, as a count. diffusers calls this `attention_head_dim` (a historical misnomer it
+    # keeps for compatibility); SD 2 thinks in a head width of 64, which gives 5/10/20/20 heads.
+    num_heads: tuple[int, ...] = (8, 8, 8, 8)
+    cross_attention_dim: int = 768  # width of the text context (D_text)
+    use_linear_projection: bool = False  # proj_in / proj_out as Linear (SD 2) instead of 1x1 Conv (SD 1)
+    upcast_attention: bool = False  # compute attention scores in fp32 (needed by SD 2.1-768 in fp16)
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # in the ResNet blocks, training only
+    sample_size: int | None = 64  # latent size the model was trained at; recorded, not used
+
+    def __post_init__(self) -> None:
+        owner = "UNetConfig"
+        levels = len(self.block_out_channels)
+        heads = self.num_heads
+        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
+        object.__setattr__(self, "num_heads", heads)
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "cross_attention_levels", tuple(bool(x) for x in self.cross_attention_levels))
+        _positive(owner, in_channels=self.in_channels, out_channels=self.out_channels,
+                  layers_per_block=self.layers_per_block, cross_attention_dim=self.cross_attention_dim,
+                  norm_num_groups=self.norm_num_groups)
+        if levels == 0:
+            raise ValueError(f"{owner}: block_out_channels must not be empty")
+        for name in ("cross_attention_levels", "num_heads"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(f"{owner}: {name} has {len(getattr(self, name))} entries, block_out_channels has "
+                                 f"{levels}")
+        for width, nh in zip(self.block_out_channels, heads):
+            _positive(owner, block_out_channels=width, num_heads=nh)
+            if width % self.norm_num_groups:
+                raise ValueError(f"{owner}: block_out_channels entry {width} is not divisible by norm_num_groups "
+                                 f"{self.norm_num_groups}")
+            if width % nh:
+                raise ValueError(f"{owner}: block_out_channels entry {width} is not divisible by its num_heads {nh}")
+
+    @classmethod
+    def with_head_dim(cls, head_dim: int, **kw: Any) -> "UNetConfig":
+        """Build with a head width instead of a head count per level (SD 2: head_dim=64 gives 5/10/20/20)."""
+        widths = tuple(kw.get("block_out_channels", cls.block_out_channels))
+        for width in widths:
+            if width % head_dim:
+                raise ValueError(f"UNetConfig: block_out_channels entry {width} is not divisible by head_dim {head_dim}")
+        return cls(num_heads=tuple(w // head_dim for w in widths), **kw)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, d: dict[str, Any]) -> "UNetConfig":
+        owner = "UNetConfig"
+        accepted = {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                    "use_linear_projection", "upcast_attention", "flip_sin_to_cos", "freq_shift", "norm_num_groups",
+                    "norm_eps", "dropout", "sample_size", "down_block_types", "up_block_types",
+                    "attention_head_dim", "num_attention_heads"}
+        kw = _read(d, owner, accepted, _UNET_FIXED)
+        # diffusers' defaults where they differ from ours
+        widths = tuple(kw.pop("block_out_channels", (320, 640, 1280, 1280)))
+        kw.setdefault("cross_attention_dim", 1280)
+        kw.setdefault("sample_size", None)
+        down = tuple(kw.pop("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
+        up = tuple(kw.pop("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
+        names = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+        if any(t not in names for t in down) or len(down) != len(widths):
+            raise ValueError(f"{owner}: config key 'down_block_types' = {list(down)} is not supported (one of "
+                             f"CrossAttnDownBlock2D / DownBlock2D per block_out_channels entry)")
+        levels = tuple(names[t] for t in down)
+        mirrored = tuple("CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(levels))
+        if up != mirrored:
+            raise ValueError(f"{owner}: config key 'up_block_types' = {list(up)} is not supported (the up path must "
+                             f"mirror the down path: {list(mirrored)})")
+        # diffusers: `num_attention_heads or attention_head_dim` is the head count (the misnomer kept for compat).
+        heads = kw.pop("num_attention_heads", None)
+        head_key = kw.pop("attention_head_dim", 8)
+        heads = head_key if heads is None else heads
+        return cls(block_out_channels=widths, cross_attention_levels=levels, num_heads=_normalise(heads),
+                   **{k: _normalise(v) for k, v in kw.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model families
+
+# The noise schedule all SD 1.x / 2.x checkpoints were trained with (diffusers scheduler_config.json keys).
+_SCHEDULE = (("num_train_timesteps", 1000), ("beta_start", 0.00085), ("beta_end", 0.012),
+             ("beta_schedule", "scaled_linear"), ("trained_betas", None), ("steps_offset", 1),
+             ("set_alpha_to_one", False), ("clip_sample", False))
+
+
+@dataclass(frozen=True)
+class FamilyPreset:
+    name: str  # "sd15", "sd21-base", "sd21-v", "sd15-inpaint", "sd2-inpaint"
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+    prediction_type: str  # "epsilon" or "v_prediction"
+    scheduler_class: str  # the diffusers class name of the family's default scheduler
+    pad_token: str  # the tokenizer's padding token: "<|endoftext|>" (SD 1) or "!" (SD 2)
+    native_size: int  # default image height and width in pixels
+    _scheduler_extra: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+
+    @property
+    def scheduler(self) -> dict[str, Any]:
+        """The family's default scheduler_config.json as a fresh dict (diffusers-style keys)."""
+        return {"_class_name": self.scheduler_class, **dict(_SCHEDULE), "prediction_type": self.prediction_type,
+                **dict(self._scheduler_extra)}
+
+
+_VAE = VAEConfig()
+_CLIP_L = CLIPTextConfig()  # OpenAI CLIP ViT-L/14 text tower
+_OPENCLIP_H = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, hidden_act="gelu",
+                             num_hidden_layers=23,  # OpenCLIP has 24; SD 2 reads the penultimate, diffusers keeps 23
+                             projection_dim=512)
+_UNET_SD1 = UNetConfig()
+_UNET_SD2 = replace(UNetConfig.with_head_dim(64), cross_attention_dim=1024, use_linear_projection=True)
+
+SD15 = FamilyPreset("sd15", _UNET_SD1, _VAE, _CLIP_L, "epsilon", "PNDMScheduler", "<|endoftext|>", 512,
+                    (("skip_prk_steps", True),))
+SD21_BASE = FamilyPreset("sd21-base", _UNET_SD2, _VAE, _OPENCLIP_H, "epsilon", "PNDMScheduler", "!", 512,
+                         (("skip_prk_steps", True),))
+SD21_V = FamilyPreset("sd21-v", replace(_UNET_SD2, upcast_attention=True, sample_size=96), replace(_VAE, sample_size=768),
+                      _OPENCLIP_H, "v_prediction", "DDIMScheduler", "!", 768)
+SD15_INPAINT = replace(SD15, name="sd15-inpaint", unet=replace(_UNET_SD1, in_channels=9))
+SD2_INPAINT = replace(SD21_BASE, name="sd2-inpaint", unet=replace(_UNET_SD2, in_channels=9))
+
+FAMILIES: dict[str, FamilyPreset] = {p.name: p for p in (SD15, SD21_BASE, SD21_V, SD15_INPAINT, SD2_INPAINT)}
+
+
+def family(name: str) -> FamilyPreset:
+    """The preset for a family name, or a ValueError listing the known ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
