@@ -1,0 +1,430 @@
+"""The denoising UNet of Stable Diffusion 1.x / 2.x: a text-conditioned UNet on latents.
+
+Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022), section 3.3
+(the conditioning mechanism); the UNet backbone follows Ho et al. (DDPM, 2020) and Dhariwal & Nichol (2021), the
+spatial transformer follows Vaswani et al. (2017). Reference: diffusers 0.42.1
+`models/unets/unet_2d_condition.py` (UNet2DConditionModel), with `unet_2d_blocks.py` (CrossAttnDownBlock2D,
+DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D, UpBlock2D), `resnet.py` (ResnetBlock2D),
+`transformers/transformer_2d.py`, `attention.py` (BasicTransformerBlock, FeedForward), `attention_processor.py`
+(Attention, AttnProcessor2_0), `embeddings.py` (get_timestep_embedding, TimestepEmbedding). Module attribute names
+mirror diffusers' state-dict keys, so a diffusers state dict loads with `strict=True` and no mapping.
+
+The data path, for SD 1.5 at a 64x64 latent (block_out_channels 320/640/1280/1280):
+
+    t ─ sinusoid (320) ─ MLP ─> temb (1280), added inside every ResNet block
+    x (B,4,64,64) ─ conv_in ─> (B,320,64,64) ─┬─ down level 0: [ResNet, Transformer] x2, downsample ─> 32x32
+                                              ├─ down level 1 ... level 3 (no attention, no downsample) ─> 8x8
+                                              │  every block output is kept as a skip connection
+                                              ├─ mid: ResNet, Transformer, ResNet
+                                              └─ up levels (mirror, one more block each): concat a skip, ResNet,
+                                                 Transformer, ..., upsample ─> conv_norm_out, SiLU, conv_out
+
+Shapes: B batch, C channels, H, W latent height and width, L = H*W, S text tokens (77), D transformer width (= C of
+its level), D_text = cross_attention_dim, nh heads, hd head width (D = nh * hd), T = time embedding width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.attention import AttentionLayer
+from ldm.config import UNetConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timestep embedding
+
+
+def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (B,) timesteps (DDPM appendix B, Transformer positional encoding): (B, dim) fp32.
+
+    Frequencies are max_period^(-i / (dim/2 - freq_shift)); the output is [sin | cos], or [cos | sin] when flipped.
+    Mirrors diffusers' get_timestep_embedding exactly, including computing in fp32 whatever t's dtype.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))  # (dim/2,)
+    args = t[:, None].float() * freqs[None, :]  # (B, dim/2)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, dim)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class Timesteps(nn.Module):
+    """Parameter-free wrapper of `timestep_embedding` (diffusers key `time_proj`, which holds no weights)."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> None:
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, t: Tensor) -> Tensor:
+        return timestep_embedding(t, self.dim, self.flip_sin_to_cos, self.freq_shift)  # (B, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on the sinusoid: (B, C0) -> (B, T), T = 4 * C0."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))  # (B, T)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ResNet block, resampling
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding added in between, plus a (1x1-projected) residual."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        """x: (B, C_in, H, W), temb: (B, T) -> (B, C_out, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # one shift per channel
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Spatial transformer: self-attention, cross-attention on the text, GEGLU feed-forward
+
+
+class Attention(AttentionLayer):
+    """Multi-head attention; self-attention when `context` is None, else cross-attention on the text context.
+
+    The kernel (or an installed research processor) is reached through `self.attend`, see ldm/attention.py.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.upcast = upcast
+        kv_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, dim, bias=False)
+        # key-compat: diffusers' `to_out` is [Linear, Dropout], so the projection's keys are `to_out.0.*`.
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, D), context: (B, S, D_text) or None (self-attention) -> (B, L, D)."""
+        B, L, D = x.shape
+        context = x if context is None else context
+        nh, hd = self.heads, D // self.heads
+        q = self.to_q(x).view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, L, hd)
+        k = self.to_k(context).view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, S, hd)
+        v = self.to_v(context).view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, S, hd)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            # upcast_attention (SD 2.1-768): in fp16 its q @ k^T overflows and the image turns black, so this layer
+            # computes its scores, softmax and weighted sum in fp32. fp32 inputs are untouched, matching diffusers.
+            out = self.attend(q.float(), k.float(), v.float(), mask).to(q.dtype)
+        else:
+            out = self.attend(q, k, v, mask)  # (B, nh, L, hd)
+        out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): proj to 2 x inner, value * gelu(gate)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)  # (B, L, inner) each
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP, D -> 4D -> D."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        # key-compat: diffusers' `net` is [GEGLU, Dropout, Linear]: keys `ff.net.0.proj.*` and `ff.net.2.*`.
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: self-attention, cross-attention on the text, feed-forward; each residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, upcast=upcast)  # self-attention: every pixel looks at every pixel
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)  # cross-attention: pixels look at tokens
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, D), context: (B, S, D_text) -> (B, L, D). `mask` reaches the cross-attention."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """The spatial transformer: flatten the feature map to L = H*W tokens, run one transformer block, fold back.
+
+    proj_in / proj_out are 1x1 convs (SD 1) or Linear layers (SD 2, use_linear_projection); the same map either way.
+    """
+
+    def __init__(self, ch: int, heads: int, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.linear = cfg.use_linear_projection
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+        self.proj_out = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W), context: (B, S, D_text) -> (B, C, H, W)."""
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, L, D)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Down, mid and up blocks: one class per role, with flags (diffusers' CrossAttn*/plain variants share the keys)
+
+
+def _resnet(cfg: UNetConfig, in_ch: int, out_ch: int) -> ResnetBlock2D:
+    return ResnetBlock2D(in_ch, out_ch, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+
+
+class DownBlock(nn.Module):
+    """One encoder level: `layers_per_block` x [ResNet, (Transformer)], then an optional stride-2 downsample.
+
+    Returns the features and every intermediate output, which become skip connections of the up path.
+    """
+
+    def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, heads: int, with_attention: bool,
+                 add_downsample: bool) -> None:
+        super().__init__()
+        n = cfg.layers_per_block
+        self.resnets = nn.ModuleList([_resnet(cfg, in_ch if i == 0 else out_ch, out_ch) for i in range(n)])
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg) for _ in range(n)]
+                                        if with_attention else [])
+        # key-compat: diffusers keeps the downsampler in a one-element list, `downsamplers.0.conv`.
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if add_downsample else [])
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """x: (B, C_in, H, W) -> (B, C_out, H', W') and the skips [(B, C_out, H, W) ..., (B, C_out, H', W')]."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)  # (B, C_out, H/2, W/2)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """The bottleneck: ResNet, Transformer, ResNet at the lowest resolution (diffusers UNetMidBlock2DCrossAttn)."""
+
+    def __init__(self, cfg: UNetConfig, ch: int, heads: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([_resnet(cfg, ch, ch), _resnet(cfg, ch, ch)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, cfg)])
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+class UpBlock(nn.Module):
+    """One decoder level: `layers_per_block + 1` x [concat a skip, ResNet, (Transformer)], optional upsample.
+
+    skip_chs: the channel count of each skip this level consumes, in the order it consumes them.
+    """
+
+    def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, skip_chs: list[int], heads: int,
+                 with_attention: bool, add_upsample: bool) -> None:
+        super().__init__()
+        ins = [in_ch] + [out_ch] * (len(skip_chs) - 1)
+        self.resnets = nn.ModuleList([_resnet(cfg, c + s, out_ch) for c, s in zip(ins, skip_chs)])
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg) for _ in skip_chs]
+                                        if with_attention else [])
+        # key-compat: diffusers keeps the upsampler in a one-element list, `upsamplers.0.conv`.
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if add_upsample else [])
+
+    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor) -> Tensor:
+        """x: (B, C_in, H, W); pops its skips off the end of `skips` -> (B, C_out, H', W')."""
+        for i, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+        for up in self.upsamplers:
+            x = up(x)  # (B, C_out, 2H, 2W)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class UNet2DConditionModel(nn.Module):
+    """eps (or v) = UNet(x_t, t, text context); state-dict keys identical to diffusers' UNet2DConditionModel."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, UNetConfig):
+            raise TypeError(f"UNet2DConditionModel: cfg must be a UNetConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        widths, heads, attn = cfg.block_out_channels, cfg.num_heads, cfg.cross_attention_levels
+        last = len(widths) - 1
+
+        self.time_proj = Timesteps(widths[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        self.time_embedding = TimestepEmbedding(widths[0], cfg.time_embed_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+
+        # Down path; record the channel count of every skip it leaves behind (conv_in's output is the first).
+        skip_chs = [widths[0]]
+        self.down_blocks = nn.ModuleList()
+        for i, width in enumerate(widths):
+            in_ch = widths[max(i - 1, 0)]
+            self.down_blocks.append(DownBlock(cfg, in_ch, width, heads[i], attn[i], add_downsample=i < last))
+            skip_chs += [width] * (cfg.layers_per_block + (i < last))
+
+        self.mid_block = MidBlock(cfg, widths[-1], heads[-1])
+
+        # Up path: the mirror image, each level consuming layers_per_block + 1 skips from the end of the list.
+        self.up_blocks = nn.ModuleList()
+        in_ch = widths[-1]
+        for i in reversed(range(len(widths))):
+            n = cfg.layers_per_block + 1
+            level_skips = skip_chs[-n:][::-1]
+            del skip_chs[-n:]
+            self.up_blocks.append(UpBlock(cfg, in_ch, widths[i], level_skips, heads[i], attn[i], add_upsample=i > 0))
+            in_ch = widths[i]
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor) -> Tensor:
+        """sample: (B, C_in, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, S, D_text) -> (B, C_out, H, W).
+
+        H and W must be divisible by cfg.downsample_factor (8 for every SD preset). Timesteps are used as given,
+        fractional ones included (LMS and Euler schedulers).
+        """
+        self._check_inputs(sample, encoder_hidden_states)
+        t = self._timesteps(timestep, sample)  # (B,)
+        temb = self.time_proj(t).to(sample.dtype)  # (B, C0); the sinusoid is fp32, the MLP runs in the model dtype
+        temb = self.time_embedding(temb)  # (B, T)
+        context = encoder_hidden_states
+
+        x = self.conv_in(sample)  # (B, C0, H, W)
+        skips = [x]
+        for block in self.down_blocks:
+            x, level_skips = block(x, temb, context)
+            skips += level_skips
+        x = self.mid_block(x, temb, context)  # (B, C_last, H/f, W/f)
+        for block in self.up_blocks:
+            x = block(x, skips, temb, context)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C_out, H, W)
+
+    def _check_inputs(self, sample: Tensor, context: Tensor) -> None:
+        cfg = self.config
+        if not isinstance(sample, Tensor) or sample.ndim != 4:
+            raise ValueError(f"UNet: sample must be a (B, C, H, W) tensor, got "
+                             f"{tuple(sample.shape) if isinstance(sample, Tensor) else type(sample).__name__}")
+        if sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNet: sample has {sample.shape[1]} channels, expected in_channels={cfg.in_channels}")
+        f = cfg.downsample_factor
+        if sample.shape[2] % f or sample.shape[3] % f:
+            raise ValueError(f"UNet: latent height and width must be divisible by {f}, got "
+                             f"{sample.shape[2]}x{sample.shape[3]}")
+        if not isinstance(context, Tensor) or context.ndim != 3:
+            raise ValueError(f"UNet: encoder_hidden_states must be a (B, S, D) tensor, got "
+                             f"{tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__}")
+        if context.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"UNet: encoder_hidden_states width is {context.shape[-1]}, expected "
+                             f"cross_attention_dim={cfg.cross_attention_dim}")
+        if context.shape[0] != sample.shape[0]:
+            raise ValueError(f"UNet: encoder_hidden_states batch is {context.shape[0]}, expected the sample's batch "
+                             f"{sample.shape[0]}")
+
+    @staticmethod
+    def _timesteps(timestep: Tensor | float | int, sample: Tensor) -> Tensor:
+        """A scalar or per-item timestep as a (B,) tensor, values untouched (diffusers' get_time_embed)."""
+        B = sample.shape[0]
+        if isinstance(timestep, bool) or not isinstance(timestep, (int, float, Tensor)):
+            raise TypeError(f"UNet: timestep must be an int, a float or a tensor, got {type(timestep).__name__}")
+        if not isinstance(timestep, Tensor):
+            # python floats as float64, as diffusers does; the embedding computes in fp32 either way
+            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+            return torch.full((B,), timestep, dtype=dtype, device=sample.device)
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise TypeError(f"UNet: timestep must have a real dtype, got {timestep.dtype}")
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, B)):
+            raise ValueError(f"UNet: timestep must be a scalar, 0-d or shape (1,) or ({B},) (the batch), got shape "
+                             f"{tuple(timestep.shape)}")
+        return timestep.reshape(-1).to(sample.device).expand(B)
