@@ -1,0 +1,256 @@
+"""The `ldm` command: `ldm generate "PROMPT" --model PATH_OR_ID --out out.png [options]`.
+
+Everything the command can check before loading a model (sizes, counts, the output files, the init image and
+mask, the model path) is checked first, so a mistake costs no model load and writes nothing. Errors print one line
+`ldm generate: error: ...` and exit with status 2 (argparse's own usage errors are 2 as well). Images are PNGs with
+the generation parameters in an A1111-style `parameters` text chunk, written atomically; an existing file is never
+replaced without `--overwrite`. `--num-images N` writes N numbered files, image i with seed S + i.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ldm.config import FAMILIES
+from ldm.images import a1111_parameters, image_to_tensor, mask_to_tensor, model_hash, save_png
+
+SCHEDULERS = ("ddim", "lms", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras")
+# The name of a loaded model's own scheduler, for the PNG metadata (diffusers class name -> our name).
+_SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms", "PNDMScheduler": "pndm",
+                    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
+                    "DPMSolverMultistepScheduler": "dpm++2m"}
+DTYPES = ("fp32", "bf16", "fp16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class UsageError(Exception):
+    """A problem with the command's arguments or inputs: one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Stable Diffusion 1.x / 2.x from scratch in PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = commands.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
+                            description="Generate images and write them as PNGs with their generation parameters.")
+    g.add_argument("prompt", help="what to draw")
+    g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, or a hub id (from the local "
+                                   "huggingface_hub cache)")
+    g.add_argument("--out", required=True, help="output PNG; with --num-images N: OUT-0.png ... OUT-(N-1).png")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    g.add_argument("--seed", type=int, default=None, help="image i uses seed SEED + i (default: a random seed)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    g.add_argument("--num-images", type=int, default=1, help="images to generate, in one batch")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, fp32 on cpu")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--family", choices=tuple(FAMILIES), default=None,
+                   help="model family, where the checkpoint's keys cannot tell (SD 2.x single files)")
+    g.add_argument("--vae", default=None, help="a VAE checkpoint to use instead of the model's own")
+    g.add_argument("--clip-skip", type=int, default=None, help="use the n-th-from-last CLIP layer (1: the last)")
+    g.add_argument("--init-image", default=None, help="img2img / inpainting: the starting picture")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of the init image to repaint, in (0, 1] (default 0.8; 1.0 for inpainting)")
+    g.add_argument("--mask", default=None, help="inpainting: white = repaint, same size as --init-image")
+    g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt files (runs code!)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.set_defaults(run=generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as e:
+        print(f"ldm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ldm generate
+
+
+def generate(args: argparse.Namespace) -> int:
+    outputs = _check_args(args)
+    import torch  # after the checks: a usage error answers fast
+
+    import ldm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if dtype_name == "fp16" and device == "cpu":
+        raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    try:
+        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
+                                 allow_pickle=args.allow_pickle)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, seed=seed, num_images_per_prompt=args.num_images,
+                  scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, output_type="pil")
+    try:
+        result, size = _run(pipe, args, common)
+    except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)
+        raise UsageError(_one_line(e)) from None
+
+    sampler = args.scheduler or _SCHEDULER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__)
+    extra: dict[str, Any] = {}
+    if args.init_image is not None:
+        extra["Denoising strength"] = _strength(args)
+    if args.clip_skip is not None:
+        extra["Clip skip"] = args.clip_skip
+    if args.eta:
+        extra["Eta"] = args.eta
+    name, digest = _model_name(args.model), model_hash(args.model)
+    for path, image, image_seed in zip(outputs, result.images, result.seeds):
+        text = a1111_parameters(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                                sampler=sampler, guidance_scale=args.guidance, seed=image_seed, width=size[0],
+                                height=size[1], model_name=name, model_hash=digest, extra=extra)
+        try:
+            save_png(image, path, parameters=text, overwrite=args.overwrite)
+        except FileExistsError:
+            raise UsageError(f"output {str(path)!r} appeared while generating; not overwritten (use --overwrite)") \
+                from None
+        print(path)
+    return 0
+
+
+def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[Any, tuple[int, int]]:
+    """Run the right pipeline method under a progress bar. Returns the output and the (width, height)."""
+    from tqdm import tqdm
+
+    steps = args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
+    with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
+        common["callback"] = lambda i, t, latents: bar.update(1)
+        if args.init_image is None:
+            result = pipe(args.prompt, height=args.height, width=args.width, **common)
+        elif args.mask is None:
+            result = pipe.img2img(args.prompt, args.init_image, strength=_strength(args), **common)
+        else:
+            result = pipe.inpaint(args.prompt, args.init_image, args.mask, strength=_strength(args), **common)
+    return result, result.images[0].size
+
+
+def _strength(args: argparse.Namespace) -> float:
+    if args.strength is not None:
+        return args.strength
+    return 1.0 if args.mask is not None else 0.8
+
+
+def _check_args(args: argparse.Namespace) -> list[Path]:
+    """Every check possible before loading the model. Returns the output paths."""
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise UsageError(f"--{name} must be a positive multiple of 8, got {value}")
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--num-images", args.num_images, 1),
+                                 ("--threads", args.threads, 1), ("--clip-skip", args.clip_skip, 1)):
+        if value is not None and value < minimum:
+            raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+    if not args.guidance >= 0:
+        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    if not args.eta >= 0:
+        raise UsageError(f"--eta must be >= 0, got {args.eta}")
+    if args.seed is not None and not 0 <= args.seed < 2**63 - args.num_images:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.strength is not None:
+        if args.init_image is None:
+            raise UsageError("--strength needs --init-image")
+        if not 0 < args.strength <= 1:
+            raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.mask is not None and args.init_image is None:
+        raise UsageError("--mask needs --init-image")
+    if args.init_image is not None and (args.height is not None or args.width is not None):
+        raise UsageError("--height/--width do not apply with --init-image: the output has the image's size")
+    _check_images(args)
+    _check_model(args)
+    return _check_outputs(args)
+
+
+def _check_images(args: argparse.Namespace) -> None:
+    if args.init_image is None:
+        return
+    try:
+        image = image_to_tensor(args.init_image, "--init-image")  # (1, 3, H, W)
+        mask = None if args.mask is None else mask_to_tensor(args.mask, "--mask")  # (1, 1, H, W)
+    except (ValueError, TypeError) as e:
+        raise UsageError(_one_line(e)) from None
+    H, W = image.shape[-2:]
+    if H % 8 or W % 8:
+        raise UsageError(f"--init-image is {W}x{H}: width and height must be multiples of 8")
+    if mask is not None and mask.shape[-2:] != image.shape[-2:]:
+        raise UsageError(f"--mask is {mask.shape[-1]}x{mask.shape[-2]} but --init-image is {W}x{H}: "
+                         f"they must be the same size")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    if args.model is None:
+        raise UsageError("no model given: pass --model with a .safetensors file, a diffusers folder or a hub id")
+    for flag, value in (("--model", args.model), ("--vae", args.vae)):
+        if value is not None and not os.path.exists(value) and not _looks_like_hub_id(value):
+            raise UsageError(f"{flag}: no such file or folder {value!r}")
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    """'org/name' (not a path that happens to be missing: no leading ./ or /, no checkpoint suffix)."""
+    return bool(_HUB_ID.match(value)) and not value.lower().endswith(_CHECKPOINT_SUFFIXES)
+
+
+def _check_outputs(args: argparse.Namespace) -> list[Path]:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    if args.num_images == 1:
+        paths = [out]
+    else:
+        digits = len(str(args.num_images - 1))
+        paths = [out.with_name(f"{out.stem}-{i:0{digits}d}{out.suffix}") for i in range(args.num_images)]
+    folder = out.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: folder {str(folder)!r} is not writable")
+    for path in paths:
+        if path.is_dir():
+            raise UsageError(f"--out: {str(path)!r} is a folder")
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"output {str(path)!r} exists; use --overwrite to replace it")
+    return paths
+
+
+def _model_name(model: str) -> str:
+    path = Path(model)
+    if path.is_file():
+        return path.stem
+    if path.is_dir():
+        return path.resolve().name
+    return model  # a hub id
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""The Stable Diffusion pipeline: text to image, image to image, inpainting, around one denoising loop.
+
+Paper: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv:2112.10752);
+classifier-free guidance: Ho & Salimans 2022 (arXiv:2207.12598), eps = eps(x, "") + s * (eps(x, c) - eps(x, "")).
+Mirrors diffusers 0.42.1 `pipelines/stable_diffusion/pipeline_stable_diffusion.py` (and its `_img2img` and
+`_inpaint` siblings): the same prompt encoding, the same random draws in the same order from the same generators,
+the same scheduler calls, so the same weights and seed give the same latents (DESIGN.md, the parity contract).
+
+    context  = [CLIP(negative or ""); CLIP(prompt)]                      (2B, S, D)     one row per image
+    x_T      = randn(seed) * init_noise_sigma                            (B, 4, h, w)   h, w = H/8, W/8
+    for t:   eps = UNet(scale(x), t, context); eps = uncond + s * (cond - uncond); x = step(eps, t, x)
+    image    = VAE.decode(x / scaling_factor)                            (B, 3, H, W)
+
+img2img starts from the noised latents of an image at the timestep `strength` selects; inpainting feeds the
+9-channel inpainting UNets [x, mask, masked-image latents], and for ordinary checkpoints blends the known region
+back into the latents after every step.
+
+Shapes: B images (prompts x num_images_per_prompt), C latent channels (4), h, w latent size, H, W image size,
+S text tokens (77), D text width.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ldm import schedulers
+from ldm.config import FamilyPreset
+from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
+
+Generator = Union[torch.Generator, list[torch.Generator], None]
+Callback = Callable[[int, Tensor, Tensor], Union[bool, None]]
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image] | np.ndarray | Tensor  # PIL images, (B, H, W, 3) floats in [0, 1], or the latents
+    latents: Tensor  # (B, C, h, w) the final latents, whatever output_type
+    seeds: list[int] | None  # the seed of each image when the call was given `seed=`
+    steps_run: int  # denoising steps taken (fewer than asked when the callback stopped the run)
+
+
+class StableDiffusionPipeline:
+    """The loaded parts of a model and the three ways to run them: `pipe(...)`, `pipe.img2img`, `pipe.inpaint`.
+
+    Built by `ldm.load_pipeline`; `family` (an `ldm.config.FamilyPreset`) names the model family, which fixes the
+    prediction type and the native image size. Device and dtype are those of the modules (`pipe.to(...)`).
+    """
+
+    def __init__(self, *, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Callable,
+                 scheduler: Any, family: FamilyPreset) -> None:
+        if not isinstance(family, FamilyPreset):
+            raise TypeError(f"family must be an ldm.config.FamilyPreset, got {type(family).__name__}")
+        for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be callable (list[str] -> ids), got {type(tokenizer).__name__}")
+        _check_scheduler(scheduler)
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        if prediction != family.prediction_type:
+            raise ValueError(f"scheduler prediction_type {prediction!r} does not match family {family.name!r} "
+                             f"({family.prediction_type!r})")
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler, self.family = tokenizer, scheduler, family
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Device and precision
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along a side (8 for SD): image sides must be multiples of it."""
+        return self.vae.config.downsample_factor
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+        """Move every module to `device` and/or cast it to `dtype` (fp32, bf16, or fp16 on CUDA). Returns self."""
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The three entry points
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, seed: int | None = None, generator: Generator = None,
+                 num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
+                 callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
+                 weighting: bool = True) -> PipelineOutput:
+        """Text to image. height/width default to the family's native size (512; 768 for sd21-v).
+
+        seed=S gives image i the generator manual_seed(S + i) (diffusers' list-of-generators convention);
+        `generator` is used as diffusers uses it. `scheduler`: an object, or a name from `ldm.schedulers` built
+        from this model's scheduler config. clip_skip=n takes the n-th-from-last CLIP layer (1 = the last),
+        through the final layer norm, as the A1111 web UI does. callback(i, t, latents) runs after each step;
+        returning False stops and decodes the current latents.
+        """
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise ValueError(f"this is an inpainting model (the UNet takes {self.unet.config.in_channels} channels): "
+                             f"use pipe.inpaint(prompt, image, mask_image)")
+        height = self.family.native_size if height is None else height
+        width = self.family.native_size if width is None else width
+        self._check_size(height, width, "height/width")
+        run = self._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                            num_images_per_prompt, scheduler, eta, callback, clip_skip, output_type, weighting)
+        shape = (run.batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        latents = randn(shape, run.generator, self.device, run.context.dtype) * run.scheduler.init_noise_sigma
+        return self._run(run, latents, run.scheduler.timesteps, output_type)
+
+    @torch.no_grad()
+    def img2img(self, prompt: str | list[str], image: ImageInput, *, strength: float = 0.8,
+                negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, seed: int | None = None, generator: Generator = None,
+                num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
+                callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
+                weighting: bool = True) -> PipelineOutput:
+        """Image to image (SDEdit, Meng et al. 2021): noise the image's latents to the timestep `strength` picks
+        (1.0: pure noise, all steps; 0.3: the last 30% of the steps) and denoise from there.
+
+        Random draws as diffusers: the VAE posterior sample, then the noise. The output has the image's size.
+        """
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise ValueError("this is an inpainting model: use pipe.inpaint(prompt, image, mask_image)")
+        _check_strength(strength)
+        pixels = self._load_image(image, "image")  # (1, 3, H, W) in [-1, 1]
+        run = self._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                            num_images_per_prompt, scheduler, eta, callback, clip_skip, output_type, weighting)
+        timesteps = self._strength_timesteps(run.scheduler, num_inference_steps, strength)
+        image_latents = self._encode_image_img2img(pixels, run)  # (B, C, h, w)
+        noise = randn(image_latents.shape, run.generator, self.device, run.context.dtype)
+        latents = run.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
+        return self._run(run, latents, timesteps, output_type)
+
+    @torch.no_grad()
+    def inpaint(self, prompt: str | list[str], image: ImageInput, mask_image: ImageInput, *, strength: float = 1.0,
+                negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, seed: int | None = None, generator: Generator = None,
+                num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
+                callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
+                weighting: bool = True) -> PipelineOutput:
+        """Repaint the white part of `mask_image` (same size as `image`), as diffusers' inpainting pipeline.
+
+        9-channel inpainting checkpoints see [x, mask, masked-image latents] at every step; ordinary checkpoints
+        get the known region blended back: x = (1 - m) * noised(image latents, next t) + m * x after each step.
+        Random draws as diffusers: the image's posterior sample (ordinary checkpoints, or strength < 1), the noise,
+        then the masked image's posterior sample.
+        """
+        _check_strength(strength)
+        pixels = self._load_image(image, "image")  # (1, 3, H, W) in [-1, 1]
+        mask = mask_to_tensor(mask_image)  # (1, 1, H, W) in {0, 1}
+        if mask.shape[-2:] != pixels.shape[-2:]:
+            raise ValueError(f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} (WxH) but image is "
+                             f"{pixels.shape[-1]}x{pixels.shape[-2]}: they must be the same size")
+        native = self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1  # 9 for SD
+        if not native and self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} channels; inpainting needs 4 "
+                             f"(latent blending) or 9 (an inpainting checkpoint)")
+        run = self._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                            num_images_per_prompt, scheduler, eta, callback, clip_skip, output_type, weighting)
+        timesteps = self._strength_timesteps(run.scheduler, num_inference_steps, strength)
+        pixels, mask = pixels.to(self.device, self.dtype), mask.to(self.device, self.dtype)
+        f, B, full = self.vae_scale_factor, run.batch, strength == 1.0
+
+        image_latents = None
+        if not native or not full:
+            image_latents = self._encode_image_inpaint(pixels, run).repeat(B, 1, 1, 1)  # (B, C, h, w)
+        noise = randn((B, self.vae.config.latent_channels, pixels.shape[-2] // f, pixels.shape[-1] // f),
+                      run.generator, self.device, run.context.dtype)
+        if full:
+            latents = noise * run.scheduler.init_noise_sigma
+        else:
+            latents = run.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(B))
+        small_mask = nn.functional.interpolate(mask, size=noise.shape[-2:]).repeat(B, 1, 1, 1)  # (B, 1, h, w) nearest
+        masked_latents = self._encode_image_inpaint(pixels * (mask < 0.5), run).repeat(B, 1, 1, 1)  # (B, C, h, w)
+
+        if native:
+            condition = torch.cat([small_mask, masked_latents], dim=1)  # (B, 1 + C, h, w)
+            condition = torch.cat([condition] * 2) if run.guided else condition  # (2B, 1 + C, h, w)
+            return self._run(run, latents, timesteps, output_type, condition=condition)
+
+        def blend(i: int, x: Tensor) -> Tensor:
+            known = image_latents
+            if i < len(timesteps) - 1:  # the known region, noised to the level of the next step
+                known = run.scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+            return (1 - small_mask) * known + small_mask * x
+
+        return self._run(run, latents, timesteps, output_type, blend=blend)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The denoising loop
+
+    def denoise(self, latents: Tensor, context: Tensor, scheduler: Any, timesteps: Tensor, guidance_scale: float, *,
+                step_kwargs: dict[str, Any], callback: Callback | None = None, condition: Tensor | None = None,
+                blend: Callable[[int, Tensor], Tensor] | None = None) -> tuple[Tensor, int]:
+        """Run the scheduler over `timesteps` from `latents` (B, C, h, w). Returns the final latents, steps taken.
+
+        context: (2B, S, D) [uncond; cond] when guidance_scale > 1, else (B, S, D). condition: extra UNet input
+        channels (inpainting checkpoints). blend(i, latents): applied after each step (inpainting by blending).
+        """
+        guided = guidance_scale > 1
+        for i, t in enumerate(timesteps):
+            x = torch.cat([latents] * 2) if guided else latents  # (2B or B, C, h, w)
+            x = scheduler.scale_model_input(x, t)
+            if condition is not None:
+                x = torch.cat([x, condition], dim=1)  # (2B or B, 2C + 1, h, w)
+            out = self.unet(x, t, context)  # (2B or B, C, h, w): predicted noise, or v for sd21-v
+            if guided:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(out, t, latents, **step_kwargs)
+            if blend is not None:
+                latents = blend(i, latents)
+            if callback is not None and callback(i, t, latents) is False:
+                return latents, i + 1
+        return latents, len(timesteps)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prompt encoding
+
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> Tensor:
+        """Prompts -> text context (len(prompts), S, D), in the text encoder's dtype.
+
+        clip_skip=n: the n-th-from-last layer's hidden states through the final layer norm (n=1 is the usual
+        output). diffusers' clip_skip=k is ours k + 1.
+        """
+        ids = self.tokenizer(prompts).to(self.text_encoder_device)  # (B, S)
+        out = self.text_encoder(ids)
+        if clip_skip is None or clip_skip == 1:
+            return out.last_hidden_state  # (B, S, D)
+        layers = len(out.hidden_states) - 1
+        if clip_skip > layers:
+            raise ValueError(f"clip_skip must be at most {layers} (the text encoder's layer count), got {clip_skip}")
+        return self.text_encoder.final_layer_norm(out.hidden_states[-clip_skip])  # (B, S, D)
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Shared preparation
+
+    def _prepare(self, prompt: str | list[str], negative_prompt: str | list[str] | None, steps: int,
+                 guidance_scale: float, seed: int | None, generator: Generator, n_per_prompt: int, scheduler: Any,
+                 eta: float, callback: Callback | None, clip_skip: int | None, output_type: str,
+                 weighting: bool) -> _Run:
+        """Validate the common arguments, encode the prompts, set up the scheduler and the generators."""
+        prompts = _prompts(prompt, "prompt")
+        negatives = [""] * len(prompts) if negative_prompt is None else _prompts(negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
+        _check_int(steps, "num_inference_steps", 1)
+        _check_int(n_per_prompt, "num_images_per_prompt", 1)
+        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or eta < 0:
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        if clip_skip is not None:
+            _check_int(clip_skip, "clip_skip", 1)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (i, t, latents) or None, got {type(callback).__name__}")
+        if not isinstance(weighting, bool):
+            raise TypeError(f"weighting must be a bool, got {type(weighting).__name__}")
+        batch = len(prompts) * n_per_prompt
+        generator, seeds = _generators(seed, generator, batch)
+
+        sched = self._scheduler(scheduler)
+        sched.set_timesteps(steps)
+        step_kwargs = _step_kwargs(sched, generator, eta)
+
+        # diffusers encodes the prompts, then the negatives, and repeats each row num_images_per_prompt times
+        context = self.encode_prompt(prompts, clip_skip).repeat_interleave(n_per_prompt, dim=0)  # (B, S, D)
+        guided = guidance_scale > 1
+        if guided:
+            uncond = self.encode_prompt(negatives, clip_skip).repeat_interleave(n_per_prompt, dim=0)  # (B, S, D)
+            context = torch.cat([uncond, context])  # (2B, S, D)
+        context = context.to(self.device, self.dtype)
+        return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback)
+
+    def _scheduler(self, scheduler: Any) -> Any:
+        """None: the pipeline's own; a name: that class from the model's scheduler config; else the object given."""
+        if scheduler is None:
+            return self.scheduler
+        if isinstance(scheduler, str):
+            return schedulers.from_name(scheduler, dict(self.scheduler.config))
+        _check_scheduler(scheduler)
+        return scheduler
+
+    def _strength_timesteps(self, scheduler: Any, steps: int, strength: float) -> Tensor:
+        """The tail of the schedule img2img runs: the last int(steps * strength) steps (diffusers' get_timesteps;
+        the scheduler's begin index is set to match)."""
+        return scheduler.timesteps_for_strength(steps, strength)
+
+    def _load_image(self, image: ImageInput, what: str) -> Tensor:
+        pixels = image_to_tensor(image, what)  # (1, 3, H, W)
+        self._check_size(pixels.shape[-2], pixels.shape[-1], f"{what} size")
+        return pixels
+
+    def _check_size(self, height: int, width: int, what: str) -> None:
+        f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            _check_int(value, name, f)
+            if value % f:
+                raise ValueError(f"{what}: {name} must be a multiple of {f} (the VAE's downsampling), got {value}")
+
+    def _encode_image_img2img(self, pixels: Tensor, run: _Run) -> Tensor:
+        """Scaled posterior samples (B, C, h, w), drawn as diffusers' img2img prepare_latents draws them."""
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype))  # over (1, C, h, w)
+        scale = self.vae.config.scaling_factor
+        if isinstance(run.generator, list):  # one posterior sample per image, each from its own generator
+            return scale * torch.cat([posterior.sample(g) for g in run.generator])
+        return scale * posterior.sample(run.generator).repeat(run.batch, 1, 1, 1)
+
+    def _encode_image_inpaint(self, pixels: Tensor, run: _Run) -> Tensor:
+        """Scaled posterior sample (1, C, h, w) as diffusers' inpaint `_encode_vae_image`: with a list of
+        generators, one sample per input image (here one), from the first generator."""
+        generator = run.generator[0] if isinstance(run.generator, list) else run.generator
+        return self.vae.config.scaling_factor * self.vae.encode(pixels).sample(generator)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Running and decoding
+
+    def _run(self, run: _Run, latents: Tensor, timesteps: Tensor, output_type: str, *,
+             condition: Tensor | None = None, blend: Callable[[int, Tensor], Tensor] | None = None) -> PipelineOutput:
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
+                                          step_kwargs=run.step_kwargs, callback=run.callback, condition=condition,
+                                          blend=blend)
+        if output_type == "latent":
+            return PipelineOutput(latents, latents, run.seeds, steps_run)
+        images = to_numpy(self.decode(latents))  # (B, H, W, 3) in [0, 1]
+        return PipelineOutput(to_pil(images) if output_type == "pil" else images, latents, run.seeds, steps_run)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], float32.
+
+        In fp16 the SD VAE decoder can overflow (inf, then NaN) on some latents; then it decodes again in fp32
+        and says so (diffusers' `force_upcast` decides up front; checking the result costs nothing when it works).
+        """
+        z = latents / self.vae.config.scaling_factor
+        images = self.vae.decode(z)
+        if not bool(torch.isfinite(images).all()) and images.dtype != torch.float32:
+            warnings.warn(f"VAE decoding in {images.dtype} overflowed (inf/NaN); decoding again in float32",
+                          RuntimeWarning, stacklevel=3)
+            dtype = images.dtype
+            self.vae.float()
+            try:
+                images = self.vae.decode(z.float())
+            finally:
+                self.vae.to(dtype)
+        return images.float()
+
+
+@dataclass
+class _Run:
+    """What one call prepared: the batch size, the text context, the generators and the scheduler."""
+
+    batch: int  # B = prompts x num_images_per_prompt
+    context: Tensor  # (2B, S, D) with guidance, else (B, S, D)
+    guided: bool
+    guidance_scale: float
+    generator: Generator
+    seeds: list[int] | None
+    scheduler: Any
+    step_kwargs: dict[str, Any]
+    callback: Callback | None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random draws, as diffusers draws them
+
+
+def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise with diffusers' `randn_tensor` rules: drawn on a CPU generator's device, then moved;
+    a list gives row i from generator i; a one-element list is a single generator."""
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, list):
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(rows).to(device)
+    draw_device = device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _generators(seed: int | None, generator: Generator, batch: int) -> tuple[Generator, list[int] | None]:
+    """seed=S -> [manual_seed(S + i) for each image]; a generator (or list) is used as given."""
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed= or generator=, not both")
+    if seed is not None:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**63 - batch:
+            raise ValueError(f"seed must be an int in [0, 2**63 - {batch}), got {seed!r}")
+        seeds = [int(seed) + i for i in range(batch)]
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+    if isinstance(generator, list):
+        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator: a list must hold one torch.Generator per image ({batch}), "
+                             f"got {len(generator)} items")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, a list of them, or None, got {type(generator).__name__}")
+    return generator, None
+
+
+def _step_kwargs(scheduler: Any, generator: Generator, eta: float) -> dict[str, Any]:
+    """diffusers' prepare_extra_step_kwargs: pass `eta` and `generator` to step() where it takes them."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = float(eta)
+    elif eta != 0:
+        raise ValueError(f"eta={eta} needs a scheduler that takes it (DDIM); {type(scheduler).__name__} does not")
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _prompts(prompt: str | list[str], name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name} must be a str or a non-empty list of str, got {prompt!r:.80}")
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_strength(strength: float) -> None:
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+
+
+def _check_scheduler(scheduler: Any) -> None:
+    for attr in ("set_timesteps", "scale_model_input", "step", "add_noise", "timesteps_for_strength", "config"):
+        if not hasattr(scheduler, attr):
+            raise TypeError(f"scheduler must be an ldm.schedulers scheduler (or a name), got "
+                            f"{type(scheduler).__name__} without .{attr}")
