@@ -1,0 +1,402 @@
+"""The KL-regularised autoencoder (VAE) of Stable Diffusion: images <-> latents.
+
+Paper: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv:2112.10752),
+section 3.1 and appendix G; the autoencoder itself follows Esser et al. 2021 (VQGAN, arXiv:2012.09841) with a
+KL penalty (Kingma & Welling 2014, "Auto-Encoding Variational Bayes") in place of the vector quantiser.
+Reference: diffusers 0.42.1 `models/autoencoders/autoencoder_kl.py` (AutoencoderKL), `models/autoencoders/vae.py`
+(Encoder, Decoder, DiagonalGaussianDistribution), `models/unets/unet_2d_blocks.py` (DownEncoderBlock2D,
+UpDecoderBlock2D, UNetMidBlock2D), `models/resnet.py` (ResnetBlock2D), `models/downsampling.py`,
+`models/upsampling.py` and `models/attention_processor.py` (Attention with AttnProcessor2_0).
+Module names mirror diffusers' state-dict keys, so a diffusers AutoencoderKL state dict loads with strict=True.
+
+    image (B, in_channels, H, W) --Encoder--> (B, 2*latent_channels, H/f, W/f) --quant_conv--> posterior
+    posterior.sample() or .mode() (B, latent_channels, H/f, W/f) --post_quant_conv--Decoder--> (B, out_channels, H, W)
+
+f = cfg.downsample_factor = 2 ** (len(block_out_channels) - 1) (8 for SD). The pipeline multiplies latents by
+cfg.scaling_factor (0.18215) before the UNet sees them and divides by it before decoding; the VAE does not.
+
+Shapes: B batch, C channels, H, W spatial size of the tensor at hand (image, latent or an intermediate level),
+L = H*W positions, f the downsample factor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.attention import AttentionLayer
+from ldm.config import VAEConfig
+
+_EPS = 1e-6  # every GroupNorm of the VAE (diffusers: resnet_eps=1e-6)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises fp16/bf16 inputs in fp32 and returns the input dtype.
+
+    Why: the VAE's activations reach the thousands (the decoder's last levels especially); in fp16 the sum of
+    squares over a group of 512 channels x 64x64 positions loses precision or overflows, and the mean/variance
+    are what everything after depends on. CompVis' `GroupNorm32` does the same. In fp32 this is nn.GroupNorm.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            weight = None if self.weight is None else self.weight.float()
+            bias = None if self.bias is None else self.bias.float()
+            return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return super().forward(x)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-Conv twice, plus the input (through a 1x1 conv when the width changes).
+
+    The VAE's basic unit: the residual path lets each block refine features without having to re-learn them.
+    No timestep input (the UNet's ResNets have one; the VAE's do not).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels, eps=_EPS)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels, eps=_EPS)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))  # dropout sits here in training; it is 0 at inference
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv, padding only the right and bottom edge (asymmetric, as diffusers).
+
+    The original LDM VAE pads (0, 1, 0, 1) then convolves with padding 0; a symmetric padding=1 conv would shift
+    the sampling grid by a pixel and break parity with the trained weights.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        x = F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0)  # (B, C, H+1, W+1): right and bottom only
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv to smooth the blocky result."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        # The nearest-neighbour kernel for channels-last tensors fails on large batches or outputs of more than
+        # 2**31 elements (pytorch#141831, diffusers#984); diffusers makes the input contiguous there, and so do we.
+        if x.shape[0] >= 64 or x.numel() * 4 > 2**31:
+            x = x.contiguous()
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    """One encoder level: `num_layers` ResNets at this width, then (except at the last level) a downsampler."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        )
+        # key-compat: diffusers keeps the downsampler in a list, hence `downsamplers.0.conv`
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if add_downsample else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H/2, W/2), or (B, C_out, H, W) without a downsampler."""
+        for resnet in self.resnets:
+            x = resnet(x)
+        for down in self.downsamplers:
+            x = down(x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """One decoder level: `num_layers` ResNets at this width, then (except at the last level) an upsampler."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        )
+        # key-compat: diffusers keeps the upsampler in a list, hence `upsamplers.0.conv`
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C_out, 2H, 2W), or (B, C_out, H, W) without an upsampler."""
+        for resnet in self.resnets:
+            x = resnet(x)
+        for up in self.upsamplers:
+            x = up(x)
+        return x
+
+
+# diffusers' deprecated attention-block names -> the current ones (ModelMixin._convert_deprecated_attention_blocks)
+_OLD_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+class VAEAttention(AttentionLayer):
+    """Single-head self-attention over all H*W positions, with a GroupNorm in front and a residual around it.
+
+    The one place in the VAE where every position sees every other: it gives the lowest-resolution features a
+    global view (colour and lighting consistency across the image). One head as wide as the channels (diffusers:
+    heads = C // attention_head_dim with attention_head_dim = C). Old state dicts name the projections
+    `query/key/value/proj_attn`; a load hook renames them (diffusers' deprecated attention-block names).
+    """
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels, eps=_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        # key-compat: diffusers' to_out is [Linear, Dropout]; the dropout has no weights, so only `to_out.0` exists
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self._register_load_state_dict_pre_hook(self._rename_old_keys)
+
+    @staticmethod
+    def _rename_old_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        """Rename `query/key/value/proj_attn` to `to_q/to_k/to_v/to_out.0` in the (copied) state dict.
+
+        A key is renamed only when its new name is absent, so a dict holding both stays ambiguous and a strict
+        load reports the old one as unexpected.
+        """
+        for old, new in _OLD_ATTENTION_KEYS.items():
+            for kind in ("weight", "bias"):
+                old_key, new_key = f"{prefix}{old}.{kind}", f"{prefix}{new}.{kind}"
+                if old_key in state_dict and new_key not in state_dict:
+                    state_dict[new_key] = state_dict.pop(old_key)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, L, C)
+        q = self.to_q(h).unsqueeze(1)  # (B, 1, L, C): one head of width C
+        k = self.to_k(h).unsqueeze(1)
+        v = self.to_v(h).unsqueeze(1)
+        h = self.attend(q, k, v).squeeze(1)  # (B, L, C)
+        h = self.to_out[0](h.to(q.dtype))
+        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + h
+
+
+class MidBlock2D(nn.Module):
+    """ResNet -> attention -> ResNet at the lowest resolution (diffusers: UNetMidBlock2D without a timestep).
+
+    With `add_attention=False` (config `mid_block_add_attention`) it is two ResNets and has no attention keys.
+    """
+
+    def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)] if add_attention else [])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    """Image -> the parameters (mean and log-variance) of the latent Gaussian, at 1/f of the resolution."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        widths, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownEncoderBlock2D(widths[max(i - 1, 0)], width, cfg.layers_per_block, groups,
+                               add_downsample=i < len(widths) - 1)
+            for i, width in enumerate(widths)
+        )
+        self.mid_block = MidBlock2D(widths[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, widths[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)  # mean, logvar
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, H, W) -> (B, 2*latent_channels, H/f, W/f)."""
+        x = self.conv_in(x)  # (B, C0, H, W)
+        for block in self.down_blocks:
+            x = block(x)  # (B, C_i, H/2^i, W/2^i) after level i's downsampler
+        x = self.mid_block(x)  # (B, C_last, H/f, W/f)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent_channels, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """Latent -> image. Mirrors the encoder with one more ResNet per level and upsamplers in place of downsamplers."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        widths, groups = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups  # widest first
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], kernel_size=3, padding=1)
+        # up_blocks is registered before mid_block (it runs after it) so the state-dict order matches diffusers'
+        self.up_blocks = nn.ModuleList(
+            UpDecoderBlock2D(widths[max(i - 1, 0)], width, cfg.layers_per_block + 1, groups,
+                             add_upsample=i < len(widths) - 1)
+            for i, width in enumerate(widths)
+        )
+        self.mid_block = MidBlock2D(widths[0], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, widths[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(B, latent_channels, h, w) -> (B, out_channels, h*f, w*f)."""
+        x = self.conv_in(z)  # (B, C_last, h, w)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x)  # doubles h and w at every level but the last
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, out_channels, H, W)
+
+
+class DiagonalGaussianDistribution:
+    """The encoder's posterior q(z|x) = N(mean, diag(exp(logvar))), as diffusers' class of the same name.
+
+    `parameters` is the encoder output (B, 2*latent_channels, h, w): the first half of the channels is the mean,
+    the second the log-variance, clamped to [-30, 20] so exp() neither underflows to 0 nor overflows.
+    """
+
+    def __init__(self, parameters: Tensor) -> None:
+        if not isinstance(parameters, Tensor) or parameters.ndim != 4 or parameters.shape[1] % 2:
+            shape = tuple(parameters.shape) if isinstance(parameters, Tensor) else type(parameters).__name__
+            raise ValueError(f"DiagonalGaussianDistribution: parameters must be a (B, 2*latent_channels, h, w) "
+                             f"tensor with an even channel count, got {shape}")
+        self.parameters = parameters
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)  # (B, latent_channels, h, w) each
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def mode(self) -> Tensor:
+        """The most likely latent: the mean (B, latent_channels, h, w)."""
+        return self.mean
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """mean + std * noise, the noise drawn exactly as diffusers' `randn_tensor` draws it.
+
+        Same shape, dtype and generator; drawn on the generator's device when that is the CPU (then moved), so a
+        CPU generator gives the same latents on any device; a list holds one generator per batch item.
+        """
+        noise = _randn_like_diffusers(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
+        return self.mean + self.std * noise
+
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> Tensor:
+        """KL(self || other) per batch item (B,), summed over C, h, w; `other=None` means the standard normal."""
+        if other is None:
+            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum(
+            (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
+            dim=[1, 2, 3],
+        )
+
+
+def _randn_like_diffusers(
+    shape: torch.Size,
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Standard normal noise of `shape`, the same draws as diffusers.utils.torch_utils.randn_tensor."""
+    rand_device = device
+    if isinstance(generator, list):
+        if len(generator) not in (1, shape[0]):  # a list of one acts as that one generator (as diffusers)
+            raise ValueError(f"sample: got a list of {len(generator)} generators for a batch of {shape[0]}; "
+                             f"pass one generator per batch item (or a single one)")
+        gen_device = generator[0].device
+    elif generator is None or isinstance(generator, torch.Generator):
+        gen_device = None if generator is None else generator.device
+    else:
+        raise TypeError(f"sample: generator must be a torch.Generator, a list of them, or None, "
+                        f"got {type(generator).__name__}")
+    if gen_device is not None and gen_device.type != device.type:
+        if gen_device.type != "cpu":
+            raise ValueError(f"sample: cannot draw a {device.type} tensor from a {gen_device.type} generator")
+        rand_device = torch.device("cpu")  # CPU generator: draw on the CPU, then move (reproducible everywhere)
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, list):
+        draws = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
+        return torch.cat(draws, dim=0).to(device)
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+class AutoencoderKL(nn.Module):
+    """The Stable Diffusion VAE: `encode(image) -> DiagonalGaussianDistribution`, `decode(latents) -> image`.
+
+    Images are in [-1, 1]; latents are unscaled (the pipeline applies `scaling_factor`). Any H, W divisible by
+    `cfg.downsample_factor` work. `quant_conv` / `post_quant_conv` are None when the config turns them off.
+    """
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, VAEConfig):
+            raise TypeError(f"AutoencoderKL: cfg must be an ldm.VAEConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        lat = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, kernel_size=1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(lat, lat, kernel_size=1) if cfg.use_post_quant_conv else None
+
+    @property
+    def scaling_factor(self) -> float:
+        """Latents are multiplied by this before the UNet (0.18215 for SD) to give them roughly unit variance."""
+        return self.config.scaling_factor
+
+    def encode(self, x: Tensor) -> DiagonalGaussianDistribution:
+        """Images (B, in_channels, H, W) in [-1, 1] -> posterior over latents (B, latent_channels, H/f, W/f)."""
+        f = self.config.downsample_factor
+        self._check_input("encode", "x", x, self.config.in_channels, "in_channels")
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"encode: image height and width must be divisible by {f} (the downsample factor), "
+                             f"got {x.shape[-2]}x{x.shape[-1]}")
+        h = self.encoder(x)  # (B, 2*latent_channels, H/f, W/f)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        return DiagonalGaussianDistribution(h)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Unscaled latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f), roughly in [-1, 1]."""
+        self._check_input("decode", "z", z, self.config.latent_channels, "latent_channels")
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(self, x: Tensor, sample_posterior: bool = False,
+                generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """Reconstruct: decode(encode(x).mode()), or a posterior sample with `sample_posterior=True`."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z)
+
+    def _check_input(self, fn: str, arg: str, t: Any, channels: int, field: str) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got {t.dtype}")
+        if t.ndim != 4:
+            raise ValueError(f"{fn}: {arg} must be 4-D (B, {field}={channels}, H, W), got shape {tuple(t.shape)}")
+        if t.shape[1] != channels:
+            raise ValueError(f"{fn}: {arg} must have {channels} channels (config {field}), got {t.shape[1]} "
+                             f"(shape {tuple(t.shape)})")
+        weight = self.encoder.conv_in.weight
+        if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{fn}: {arg} has dtype {t.dtype} but the model's weights are {weight.dtype}; "
+                            f"convert one of them (e.g. vae.to({t.dtype}))")

@@ -1,0 +1,346 @@
+"""ldm.vae.AutoencoderKL against diffusers.AutoencoderKL (0.42.1) on identical trained-like weights.
+
+Every parity test fills the REFERENCE with `trained_like_` weights and loads its state dict into ours with
+strict=True (an identity load), then compares on CPU in fp32.
+
+Tolerance: the parity contract's 1e-5 relative error (||ours - ref|| / ||ref||). Both sides run the same
+float32 convolutions; the only differences are summation order in GroupNorm / attention reshapes, which give
+~1e-7..1e-6 (measured: 6e-7 .. 2e-6). A wrong padding, a missing residual or a swapped norm gives >1e-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as RefAutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as RefDiagonalGaussian
+
+import ldm
+from ldm.attention import attention, attention_backend, set_attention_processor
+from ldm.config import VAEConfig
+from ldm.vae import AutoencoderKL, DiagonalGaussianDistribution, GroupNorm
+from tests.helpers import assert_rel, diffusers_config, rel_err, trained_like_
+
+TOL = 1e-5  # the parity contract for components in fp32
+
+# (config, image shape): non-square sides, batch > 1, 1..3 levels, different widths / depths / groups / channels,
+# mid attention off, quant convs off.
+TINY = {
+    "two_levels_batch2": (VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32), (2, 3, 24, 40)),
+    "three_levels_groups8": (VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8),
+                             (1, 3, 32, 16)),
+    "no_mid_attention": (VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                   mid_block_add_attention=False), (2, 3, 16, 24)),
+    "no_quant_convs": (VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=16,
+                                 use_quant_conv=False, use_post_quant_conv=False), (1, 3, 8, 12)),
+    "odd_channels": (VAEConfig(in_channels=4, out_channels=2, latent_channels=8, block_out_channels=(16, 24),
+                               layers_per_block=3, norm_num_groups=8), (3, 4, 10, 6)),
+    "one_level": (VAEConfig(block_out_channels=(32,), layers_per_block=2, norm_num_groups=16), (1, 3, 7, 5)),
+}
+
+
+def reference_kwargs(cfg: VAEConfig) -> dict:
+    """diffusers AutoencoderKL constructor arguments for our config."""
+    n = len(cfg.block_out_channels)
+    names = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+             "norm_num_groups", "scaling_factor", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+    return {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n,
+            **{name: getattr(cfg, name) for name in names}}
+
+
+def make_pair(cfg: VAEConfig, seed: int = 0) -> tuple[AutoencoderKL, RefAutoencoderKL]:
+    ref = trained_like_(RefAutoencoderKL(**reference_kwargs(cfg)), seed=seed).eval()
+    ours = AutoencoderKL(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def image(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # in [-1, 1] like real images
+
+
+def latent_shape(cfg: VAEConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    f = cfg.downsample_factor
+    return (shape[0], cfg.latent_channels, shape[2] // f, shape[3] // f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@torch.no_grad()
+def test_encode_decode_match_diffusers(name: str) -> None:
+    cfg, shape = TINY[name]
+    if name == "one_level":  # factor 1: any size goes
+        assert cfg.downsample_factor == 1
+    ours, ref = make_pair(cfg)
+    x = image(shape)
+    post, ref_post = ours.encode(x), ref.encode(x).latent_dist
+    assert post.mean.shape == latent_shape(cfg, shape)
+    assert_rel(post.mean, ref_post.mean, TOL, f"{name} encode mean")
+    assert_rel(post.logvar, ref_post.logvar, TOL, f"{name} encode logvar")
+    assert_rel(post.std, ref_post.std, TOL, f"{name} std")
+    assert_rel(post.kl(), ref_post.kl(), TOL, f"{name} kl")
+    z = torch.randn(latent_shape(cfg, shape), generator=torch.Generator().manual_seed(2))
+    out = ours.decode(z)
+    assert out.shape == (shape[0], cfg.out_channels, *shape[2:])
+    assert_rel(out, ref.decode(z).sample, TOL, f"{name} decode")
+    assert_rel(ours(x), ref(x).sample, TOL, f"{name} reconstruction")
+
+
+@torch.no_grad()
+def test_math_backend_matches_diffusers() -> None:
+    cfg, shape = TINY["two_levels_batch2"]
+    ours, ref = make_pair(cfg, seed=3)
+    x = image(shape)
+    with attention_backend("math"):
+        mean = ours.encode(x).mean
+    assert_rel(mean, ref.encode(x).latent_dist.mean, TOL, "encode mean, math backend")
+
+
+@torch.no_grad()
+def test_state_dict_keys_equal_diffusers() -> None:
+    for cfg, _ in TINY.values():
+        ref = RefAutoencoderKL(**reference_kwargs(cfg))
+        assert list(AutoencoderKL(cfg).state_dict()) == list(ref.state_dict())
+    cfg = ldm.SD15.vae
+    with torch.device("meta"):
+        ours, ref = AutoencoderKL(cfg), RefAutoencoderKL(**reference_kwargs(cfg))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert "encoder.down_blocks.0.downsamplers.0.conv.weight" in ours.state_dict()
+    assert "decoder.mid_block.attentions.0.to_out.0.weight" in ours.state_dict()
+
+
+@pytest.mark.parametrize("preset", ["SD15", "SD21_BASE", "SD21_V"])
+def test_parameter_count_of_the_sd_vae(preset: str) -> None:
+    with torch.device("meta"):
+        vae = AutoencoderKL(getattr(ldm, preset).vae)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert vae.scaling_factor == 0.18215
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21"])
+def test_shipped_diffusers_config_builds_the_same_vae(family: str) -> None:
+    d = diffusers_config(family, "vae")
+    cfg = VAEConfig.from_diffusers(d)
+    with torch.device("meta"):
+        ours = AutoencoderKL(cfg)
+        ref = RefAutoencoderKL(**{k: v for k, v in d.items() if not k.startswith("_")})
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The posterior and its sampling
+
+
+@torch.no_grad()
+def test_sample_draws_the_same_noise_as_diffusers() -> None:
+    params = torch.randn(3, 8, 5, 7, generator=torch.Generator().manual_seed(4)) * 3  # some logvar beyond clamps
+    params[:, 4:, 0, 0] = 40.0  # clamped to 20
+    params[:, 4:, 0, 1] = -50.0  # clamped to -30
+    ours, ref = DiagonalGaussianDistribution(params), RefDiagonalGaussian(params)
+    for name in ("mean", "logvar", "std", "var"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+    assert ours.logvar.max() == 20.0 and ours.logvar.min() == -30.0
+    assert torch.equal(ours.mode(), ref.mode())
+    assert torch.equal(ours.kl(), ref.kl())
+    other = DiagonalGaussianDistribution(params.flip(0))
+    assert torch.equal(ours.kl(other), ref.kl(RefDiagonalGaussian(params.flip(0))))
+    # one generator; a list of one; a list of one per batch item (diffusers' per-image seeds)
+    for make in (lambda: torch.Generator().manual_seed(7),
+                 lambda: [torch.Generator().manual_seed(7)],
+                 lambda: [torch.Generator().manual_seed(7 + i) for i in range(3)]):
+        a, b = ours.sample(make()), ref.sample(make())
+        assert torch.equal(a, b)
+    assert not torch.equal(ours.sample(torch.Generator().manual_seed(7)), ours.sample(torch.Generator().manual_seed(8)))
+    fp16 = params.half()
+    assert torch.equal(DiagonalGaussianDistribution(fp16).sample(torch.Generator().manual_seed(9)),
+                       RefDiagonalGaussian(fp16).sample(torch.Generator().manual_seed(9)))
+
+
+def test_sample_rejects_bad_generators() -> None:
+    dist = DiagonalGaussianDistribution(torch.zeros(2, 8, 3, 3))
+    with pytest.raises(ValueError, match="list of 3 generators for a batch of 2"):
+        dist.sample([torch.Generator().manual_seed(i) for i in range(3)])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator.*got int"):
+        dist.sample(42)
+    with pytest.raises(ValueError, match=r"parameters must be a \(B, 2\*latent_channels, h, w\).*\(2, 7, 3, 3\)"):
+        DiagonalGaussianDistribution(torch.zeros(2, 7, 3, 3))
+
+
+@torch.no_grad()
+def test_model_sample_matches_diffusers_with_seeded_generator() -> None:
+    cfg, shape = TINY["two_levels_batch2"]
+    ours, ref = make_pair(cfg, seed=5)
+    x = image(shape)
+    a = ours.encode(x).sample(generator=torch.Generator().manual_seed(11))
+    b = ref.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(11))
+    assert_rel(a, b, TOL, "posterior sample")
+    a = ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(12))
+    b = ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(12)).sample
+    assert_rel(a, b, TOL, "reconstruction from a posterior sample")
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_sd15_vae_matches_diffusers_at_full_shape() -> None:
+    """The real SD VAE (84M parameters) on a small 64x48 image: encode, sample and decode parity."""
+    cfg = ldm.SD15.vae
+    ours, ref = make_pair(cfg, seed=6)
+    x = image((1, 3, 64, 48))
+    post, ref_post = ours.encode(x), ref.encode(x).latent_dist
+    assert post.mean.shape == (1, 4, 8, 6)
+    assert_rel(post.mean, ref_post.mean, TOL, "SD15 encode mean")
+    assert_rel(post.logvar, ref_post.logvar, TOL, "SD15 encode logvar")
+    a = post.sample(generator=torch.Generator().manual_seed(13))
+    b = ref_post.sample(generator=torch.Generator().manual_seed(13))
+    assert_rel(a, b, TOL, "SD15 posterior sample")
+    # same noise bit for bit: the difference left is only the encoder's ~1e-7 rounding in mean and std
+    noise = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(13))
+    assert torch.equal(a, post.mean + post.std * noise)
+    z = a * cfg.scaling_factor  # what img2img hands the UNet; decode gets it back unscaled
+    assert_rel(ours.decode(z / cfg.scaling_factor), ref.decode(z / cfg.scaling_factor).sample, TOL, "SD15 decode")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _old_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    new_to_old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    out = {}
+    for key, value in state_dict.items():
+        for new, old in new_to_old.items():
+            if f".attentions.0.{new}." in key:
+                key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        out[key] = value
+    return out
+
+
+@torch.no_grad()
+def test_old_attention_key_names_load_and_give_identical_output() -> None:
+    cfg, shape = TINY["two_levels_batch2"]
+    ours, ref = make_pair(cfg, seed=8)
+    old = _old_names(ref.state_dict())
+    assert "encoder.mid_block.attentions.0.query.weight" in old
+    assert "decoder.mid_block.attentions.0.proj_attn.bias" in old
+    n_old = len(old)
+    fresh = AutoencoderKL(cfg).eval()
+    fresh.load_state_dict(old, strict=True)
+    assert len(old) == n_old and "encoder.mid_block.attentions.0.query.weight" in old  # caller's dict untouched
+    x = image(shape)
+    assert torch.equal(fresh(x), ours(x))
+    # on the meta device with assign=True (how the converter loads a 4 GB checkpoint)
+    with torch.device("meta"):
+        meta = AutoencoderKL(cfg)
+    meta.load_state_dict(old, strict=True, assign=True)
+    assert torch.equal(meta.eval()(x), ours(x))
+
+
+def test_strict_load_names_unknown_and_ambiguous_keys() -> None:
+    cfg = TINY["no_quant_convs"][0]
+    ours = AutoencoderKL(cfg)
+    sd = dict(ours.state_dict())
+    with pytest.raises(RuntimeError, match="encoder.mid_block.attentions.0.bogus.weight"):
+        ours.load_state_dict({**sd, "encoder.mid_block.attentions.0.bogus.weight": torch.zeros(1)}, strict=True)
+    with pytest.raises(RuntimeError, match="quant_conv.weight"):  # this config has no quant_conv
+        ours.load_state_dict({**sd, "quant_conv.weight": torch.zeros(8, 8, 1, 1)}, strict=True)
+    both = {**sd, "encoder.mid_block.attentions.0.query.weight": sd["encoder.mid_block.attentions.0.to_q.weight"]}
+    with pytest.raises(RuntimeError, match="encoder.mid_block.attentions.0.query.weight"):
+        ours.load_state_dict(both, strict=True)  # old and new name together: ambiguous, left for strict to report
+    missing = {k: v for k, v in sd.items() if k != "decoder.conv_out.bias"}
+    with pytest.raises(RuntimeError, match="decoder.conv_out.bias"):
+        ours.load_state_dict(missing, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    vae = AutoencoderKL(TINY["three_levels_groups8"][0])  # factor 4
+    with pytest.raises(ValueError, match="divisible by 4 .*got 18x16"):
+        vae.encode(torch.zeros(1, 3, 18, 16))
+    with pytest.raises(ValueError, match="divisible by 4 .*got 16x10"):
+        vae.encode(torch.zeros(1, 3, 16, 10))
+    with pytest.raises(ValueError, match="x must have 3 channels .*in_channels.*got 4"):
+        vae.encode(torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"x must be 4-D .*got shape \(3, 16, 16\)"):
+        vae.encode(torch.zeros(3, 16, 16))
+    with pytest.raises(ValueError, match="z must have 4 channels .*latent_channels.*got 3"):
+        vae.decode(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"z must be 4-D .*got shape \(1, 1, 4, 4, 4\)"):
+        vae.decode(torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        vae.encode([[0.0]])
+    with pytest.raises(TypeError, match="floating-point tensor, got torch.uint8"):
+        vae.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="dtype torch.float16 but the model's weights are torch.float32"):
+        vae.decode(torch.zeros(1, 4, 4, 4, dtype=torch.float16))
+    with pytest.raises(TypeError, match="cfg must be an ldm.VAEConfig, got dict"):
+        AutoencoderKL({"latent_channels": 4})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reduced precision and the attention hook
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@torch.no_grad()
+def test_half_precision_on_cpu_stays_close_to_fp32(dtype: torch.dtype, tol: float) -> None:
+    """fp16 / bf16 on CPU at a tiny size. Tolerances: fp16 has a 2^-11 ~ 5e-4 unit roundoff, bf16 2^-8 ~ 4e-3;
+    a dozen conv/norm layers accumulate a few units (measured: fp16 ~1e-3, bf16 ~1e-2)."""
+    cfg, shape = TINY["three_levels_groups8"]
+    ours, _ = make_pair(cfg, seed=9)
+    x = image(shape)
+    z = torch.randn(latent_shape(cfg, shape), generator=torch.Generator().manual_seed(10))
+    mean32, out32 = ours.encode(x).mean, ours.decode(z)
+    half = AutoencoderKL(cfg).eval()
+    half.load_state_dict(ours.state_dict())
+    half.to(dtype)
+    post = half.encode(x.to(dtype))
+    out = half.decode(z.to(dtype))
+    assert post.mean.dtype == out.dtype == dtype
+    assert_rel(post.mean, mean32, tol, f"{dtype} encode mean")
+    assert_rel(out, out32, tol, f"{dtype} decode")
+
+
+def test_group_norm_upcasts_half_inputs() -> None:
+    norm = trained_like_(GroupNorm(4, 16, eps=1e-6))
+    x = torch.randn(2, 16, 5, 3) * 300 + 1000  # large values: fp16 statistics would lose the small variance
+    ref = norm(x)
+    out = norm.half()(x.half())
+    assert out.dtype == torch.float16
+    assert_rel(out, ref, 1e-3, "fp16 group norm")  # only the final rounding to fp16 (unit roundoff 4.9e-4)
+
+
+@torch.no_grad()
+def test_mid_attention_uses_the_processor_hook() -> None:
+    cfg, shape = TINY["two_levels_batch2"]
+    ours, _ = make_pair(cfg, seed=11)
+    x = image(shape)
+    before = ours(x)
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def recorder(q, k, v, *, name, mask):
+        calls.append((name, tuple(q.shape)))
+        return attention(q, k, v, mask)
+
+    names = set_attention_processor(ours, recorder)
+    assert names == ["encoder.mid_block.attentions.0", "decoder.mid_block.attentions.0"]
+    assert torch.equal(ours(x), before)
+    assert calls == [("encoder.mid_block.attentions.0", (2, 1, 12 * 20, 64)),
+                     ("decoder.mid_block.attentions.0", (2, 1, 12 * 20, 64))]
+    set_attention_processor(ours, lambda q, k, v, *, name, mask: torch.zeros_like(q))
+    assert rel_err(ours(x), before) > 1e-3  # the hook really replaces the kernel
+    set_attention_processor(ours, None)
+    assert torch.equal(ours(x), before)
+
+
+def test_no_mid_attention_has_no_attention_layers() -> None:
+    vae = AutoencoderKL(dataclasses.replace(TINY["two_levels_batch2"][0], mid_block_add_attention=False))
+    assert set_attention_processor(vae, None) == []
+    assert not any("attentions" in key for key in vae.state_dict())
