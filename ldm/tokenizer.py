@@ -1,0 +1,211 @@
+"""The CLIP tokenizer: prompt strings -> token ids (B, 77), on the `tokenizers` library.
+
+Paper: Radford et al. 2021 (CLIP), which uses the byte-level BPE of Sennrich et al. 2016 / GPT-2 with an
+end-of-word marker `</w>` (a word-final piece is a different token from the same piece inside a word).
+Reference: transformers `models/clip/tokenization_clip.py` (CLIPTokenizer, transformers 5.23.0) and the special-token
+loading of `tokenization_utils_base.py`; we build the same `tokenizers.Tokenizer`, so the ids are the same.
+
+The pipeline of one prompt, as transformers 5.x runs it:
+1. special tokens (`<|startoftext|>`, `<|endoftext|>`, and the pad token) are matched first and pass through whole;
+2. normalize: Unicode NFC, every run of whitespace (spaces, tabs, newlines) -> one space, lower-case;
+3. pre-tokenize: CLIP's regex keeps contractions ('s 't 're 've 'm 'll 'd), letter runs, single digits and runs of
+   other symbols, and drops whitespace; then GPT-2's byte-level map turns every byte into a printable character;
+4. BPE with the 48,894 merges of merges.txt over the 49,408-entry vocab.json, `</w>` closing each word;
+5. `__call__`: `[BOS] + ids[:75] + [EOS]`, then padding to 77 with the family's pad token.
+
+SD 1 pads with `<|endoftext|>` (49407), SD 2 with `!` (0). transformers registers the pad token as a special token,
+so for SD 2 every `!` in a prompt becomes the special token 0 (`"hi!!"` -> hi, 0, 0, where SD 1 has hi, `!!</w>`);
+we do the same because the contract is identical ids.
+
+Shapes: B prompts, 77 = model_max_length.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's pre-tokenizer pattern, as transformers writes it (the pieces kept; what lies between is dropped).
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")  # transformers' order; a later role wins a shared token
+DEFAULTS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}  # transformers' defaults
+
+
+def _added_token(value: str | dict[str, Any], role: str) -> AddedToken:
+    """A special token from a tokenizer config entry: a plain string (normalized=False, as transformers makes it)
+    or an AddedToken dict with its own flags."""
+    if isinstance(value, str):
+        return AddedToken(value, special=True, normalized=False)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        flags = {k: bool(value[k]) for k in ("lstrip", "rstrip", "single_word", "normalized") if k in value}
+        return AddedToken(value["content"], special=True, **flags)
+    raise ValueError(f"CLIPTokenizer: {role} must be a string or an AddedToken dict with 'content', got {value!r}")
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer: `tok(prompts) -> LongTensor (B, 77)`, the ids of transformers' CLIPTokenizer with
+    padding="max_length", max_length=77, truncation=True."""
+
+    def __init__(self, vocab_file: str | Path, merges_file: str | Path,
+                 special_tokens: dict[str, str | dict[str, Any]] | None = None, model_max_length: int = 77) -> None:
+        """special_tokens: role ("bos_token", "eos_token", "unk_token", "pad_token") -> token (string or
+        AddedToken dict), missing roles get transformers' defaults."""
+        special_tokens = {**DEFAULTS, **(special_tokens or {})}
+        unknown = set(special_tokens) - set(ROLES)
+        if unknown:
+            raise ValueError(f"CLIPTokenizer: unknown special token role(s) {sorted(unknown)}; expected {ROLES}")
+        if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length < 2:
+            raise ValueError(f"CLIPTokenizer: model_max_length must be an int >= 2 (BOS and EOS), got "
+                             f"{model_max_length!r}")
+        for path in (vocab_file, merges_file):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"CLIPTokenizer: no such file {str(path)!r}")
+        tokens = {role: _added_token(value, role) for role, value in special_tokens.items()}
+        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+        for role, token in tokens.items():
+            if token.content not in vocab:
+                raise ValueError(f"CLIPTokenizer: {role} {token.content!r} is not in the vocabulary {vocab_file}")
+
+        tok = Tokenizer(BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            fuse_unk=False, unk_token=tokens["unk_token"].content))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        # One AddedToken per content; where roles share one (SD 1: eos = unk = pad), the last role's flags win.
+        by_content = {token.content: token for token in tokens.values()}
+        tok.add_special_tokens(sorted(by_content.values(), key=lambda t: vocab[t.content]))
+        self._tok = tok
+        self.special_tokens = {role: token.content for role, token in tokens.items()}
+        self._model_max_length = model_max_length
+        self._ids = {role: vocab[token.content] for role, token in tokens.items()}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Constructors
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "CLIPTokenizer":
+        """A tokenizer folder: vocab.json + merges.txt, optionally tokenizer_config.json and special_tokens_map.json.
+
+        Like transformers, special_tokens_map.json overrides tokenizer_config.json: SD 2's config says pad
+        "<|endoftext|>" but its map says "!", and transformers pads with "!".
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"CLIPTokenizer.from_dir: {str(path)!r} is not a folder")
+        config = cls._read_json(folder / "tokenizer_config.json")
+        special = {role: config[role] for role in ROLES if config.get(role) is not None}
+        special.update({role: value for role, value in cls._read_json(folder / "special_tokens_map.json").items()
+                        if role in ROLES and value is not None})
+        return cls(folder / "vocab.json", folder / "merges.txt", special, config.get("model_max_length", 77))
+
+    @classmethod
+    def packaged(cls, pad_token: str = EOS) -> "CLIPTokenizer":
+        """The BPE files shipped in ldm/data/clip_tokenizer (the same for SD 1 and SD 2), with the family's pad
+        token: "<|endoftext|>" for SD 1, "!" for SD 2 (`ldm.SD15.pad_token`, `ldm.SD21_V.pad_token`)."""
+        if not isinstance(pad_token, str):
+            raise TypeError(f"CLIPTokenizer.packaged: pad_token must be a str, got {type(pad_token).__name__}")
+        folder = resources.files("ldm") / "data" / "clip_tokenizer"
+        # BOS/EOS/UNK as the official tokenizer configs write them (AddedToken dicts, normalized=True).
+        special = {role: {"content": DEFAULTS[role], "normalized": True} for role in ("bos_token", "eos_token",
+                                                                                       "unk_token")}
+        return cls(Path(str(folder / "vocab.json")), Path(str(folder / "merges.txt")),
+                   {**special, "pad_token": pad_token})
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"CLIPTokenizer: {path} must hold a JSON object, got {type(data).__name__}")
+        return data
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Encoding and decoding
+
+    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """One prompt or a list -> LongTensor (B, model_max_length): BOS, at most 75 ids, EOS, then padding."""
+        texts = [prompts] if isinstance(prompts, str) else self._check_list(prompts)
+        n = self._model_max_length
+        rows = []
+        for encoding in self._tok.encode_batch(texts, add_special_tokens=False):
+            ids = encoding.ids[: n - 2]  # truncation keeps the first tokens; EOS stays last
+            rows.append([self.bos_id, *ids, self.eos_id] + [self.pad_id] * (n - 2 - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)  # (B, 77)
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of one text without BOS/EOS, untruncated (for prompts longer than 75 tokens)."""
+        self._check_text(text, "text")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize(self, text: str) -> list[str]:
+        """The BPE pieces of one text, e.g. 'a dog' -> ['a</w>', 'dog</w>']."""
+        self._check_text(text, "text")
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Ids -> text, as transformers decodes: `</w>` becomes a space, the result is stripped."""
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+                raise ValueError(f"CLIPTokenizer.decode: ids must be a 1-D integer tensor, got {ids.dtype} "
+                                 f"{tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = list(ids)
+        for i in ids:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab_size:
+                raise ValueError(f"CLIPTokenizer.decode: id {i!r} is not an int in [0, {self.vocab_size})")
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text.replace("</w>", " ").strip()
+
+    @staticmethod
+    def _check_text(text: Any, name: str) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"CLIPTokenizer: {name} must be a str, got {type(text).__name__}")
+
+    def _check_list(self, prompts: Any) -> list[str]:
+        if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+            raise TypeError(f"CLIPTokenizer: prompts must be a str or a list of str, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise ValueError("CLIPTokenizer: prompts is an empty list; give at least one prompt (\"\" is allowed)")
+        for i, text in enumerate(prompts):
+            self._check_text(text, f"prompts[{i}]")
+        return list(prompts)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Properties
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids["bos_token"]  # 49406
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["eos_token"]  # 49407
+
+    @property
+    def pad_id(self) -> int:
+        return self._ids["pad_token"]  # 49407 (SD 1) or 0 (SD 2)
+
+    @property
+    def model_max_length(self) -> int:
+        return self._model_max_length  # 77
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)  # 49408
+
+    def __repr__(self) -> str:
+        return (f"CLIPTokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
+                f"pad={self.special_tokens['pad_token']!r} ({self.pad_id}))")
