@@ -1,0 +1,151 @@
+"""The original single-file checkpoint: what it holds, which family it is, and its complete mapping table.
+
+Reference: CompVis / Stability `LatentDiffusion` state dicts (`model.diffusion_model.*` UNet, `first_stage_model.*`
+VAE, `cond_stage_model.*` text encoder, the noise-schedule buffers, `model_ema.*`), and diffusers
+`loaders/single_file_utils.py` (`infer_diffusers_model_type`, the convert_ldm_* functions) for the behaviour we
+match: SD 2.x files are read as 768 v-prediction unless told otherwise, OpenCLIP's last layer is dropped.
+
+Detection uses keys and shapes only:
+- SD 1.x: a CLIP text model under `cond_stage_model.transformer.`; SD 2.x: OpenCLIP under `cond_stage_model.model.`
+  (and a 1024-wide cross-attention in the UNet).
+- inpainting: the UNet's first convolution takes 9 channels (4 latents + mask + 4 masked-image latents), not 4.
+- SD 2.x 512 epsilon vs 768 v-prediction: identical keys and shapes, so it needs `family=`, a sidecar config
+  (`<file>.yaml`, the original inference config with `parameterization: "v"` for v-prediction), or the default
+  "sd21-v" with a warning (as diffusers assumes).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ldm.config import FAMILIES, FamilyPreset
+
+from weights_convert.clip_rules import SD1_LEGACY_PREFIX, SD1_PREFIX, SD2_PREFIX, clip_rules, openclip_rules
+from weights_convert.rules import Rule, drop
+from weights_convert.safetensors_file import CheckpointError
+from weights_convert.unet_rules import PREFIX as UNET_PREFIX
+from weights_convert.unet_rules import unet_rules
+from weights_convert.vae_rules import vae_rules
+
+# The DDPM noise schedule, stored as buffers by LatentDiffusion (`register_schedule`); the scheduler recomputes it.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+EMA_PREFIX = "model_ema."
+FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
+
+
+def ema_key(unet_key: str) -> str:
+    """LitEma's name for a UNet weight: the path below `model.` with its dots removed.
+
+    `model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`.
+    """
+    return EMA_PREFIX + unet_key.removeprefix("model.").replace(".", "")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a single file holds, read from its keys and shapes."""
+
+    generation: int  # 1 (CLIP ViT-L text encoder) or 2 (OpenCLIP ViT-H)
+    inpainting: bool
+    clip_prefix: str  # where the text encoder's keys live
+    has_ema: bool  # a full (non-pruned) file: `model_ema.*` copies of the UNet next to the regular weights
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The family names these keys are consistent with."""
+        if self.generation == 1:
+            return ("sd15-inpaint",) if self.inpainting else ("sd15",)
+        return ("sd2-inpaint",) if self.inpainting else ("sd21-v", "sd21-base")
+
+
+def detect_layout(keys: set[str], shape_of: dict[str, tuple[int, ...]], path: Path | str) -> Layout:
+    """Tell SD 1.x from SD 2.x and plain from inpainting; raise CheckpointError for anything else."""
+    if FIRST_CONV not in keys:
+        sample = ", ".join(sorted(keys)[:3])
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x single-file checkpoint (no {FIRST_CONV!r}; "
+                              f"first keys: {sample})")
+    if any(k.startswith(SD2_PREFIX) for k in keys):
+        generation, clip_prefix = 2, SD2_PREFIX
+    elif any(k.startswith(SD1_PREFIX) for k in keys):
+        generation, clip_prefix = 1, SD1_PREFIX
+    elif any(k.startswith(SD1_LEGACY_PREFIX) for k in keys):
+        generation, clip_prefix = 1, SD1_LEGACY_PREFIX
+    else:
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint: no text encoder under "
+                              f"{SD1_PREFIX!r} (SD 1.x) or {SD2_PREFIX!r} (SD 2.x)")
+    channels = shape_of[FIRST_CONV][1] if len(shape_of[FIRST_CONV]) == 4 else None
+    if channels not in (4, 9):
+        raise CheckpointError(f"{path}: {FIRST_CONV!r} has shape {list(shape_of[FIRST_CONV])}; Stable Diffusion "
+                              f"1.x/2.x UNets take 4 channels (or 9 for inpainting)")
+    has_ema = ema_key(FIRST_CONV) in keys
+    return Layout(generation, channels == 9, clip_prefix, has_ema)
+
+
+def _sidecar_family(path: Path, layout: Layout) -> str | None:
+    """The family named by an original inference config next to the file (`<stem>.yaml`), if there is one."""
+    sidecar = path.with_suffix(".yaml")
+    if not sidecar.is_file() or layout.generation != 2 or layout.inpainting:
+        return None
+    text = sidecar.read_text(errors="replace")
+    match = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, flags=re.MULTILINE)
+    parameterization = match.group(1) if match else "eps"  # LatentDiffusion's default
+    if parameterization not in ("v", "eps"):
+        raise CheckpointError(f"{sidecar}: parameterization {parameterization!r} is not supported ('eps' or 'v')")
+    return "sd21-v" if parameterization == "v" else "sd21-base"
+
+
+def resolve_family(layout: Layout, family: str | FamilyPreset | None, path: Path) -> FamilyPreset:
+    """The family preset for a file: the explicit argument, a sidecar config, or the default with a warning."""
+    if isinstance(family, FamilyPreset):
+        preset = family
+    elif family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+        preset = FAMILIES[family]
+    else:
+        name = _sidecar_family(path, layout)
+        if name is None:
+            name = layout.candidates[0]
+            if len(layout.candidates) > 1:
+                warnings.warn(f"{path}: an SD 2.x checkpoint; its keys cannot tell 512 epsilon from 768 "
+                              f"v-prediction, loading it as {name!r} (as diffusers does). Pass family='sd21-base' "
+                              f"(or a sidecar {path.with_suffix('.yaml').name}) for the 512 base model.",
+                              stacklevel=3)
+        preset = FAMILIES[name]
+    if preset.name not in layout.candidates:
+        raise CheckpointError(f"{path}: this checkpoint is {' or '.join(layout.candidates)} (from its keys and "
+                              f"shapes), not the requested family {preset.name!r}")
+    return preset
+
+
+def checkpoint_rules(preset: FamilyPreset, layout: Layout, ema: bool = False) -> list[Rule]:
+    """The complete table for one single file: every key it may hold, mapped or dropped on purpose."""
+    if ema and not layout.has_ema:
+        raise CheckpointError("ema=True, but the file carries no EMA weights (no 'model_ema.*' copies of the UNet)")
+    unet = unet_rules(preset.unet)
+    rules: list[Rule] = []
+    if ema:  # the EMA copy feeds the UNet; the regular weights are dropped
+        rules += [replace(r, source=ema_key(r.source)) for r in unet]
+        rules += [drop(r.source, "regular UNet weight; ema=True loads the EMA copy") for r in unet]
+    else:
+        rules += unet
+        if layout.has_ema:
+            rules += [drop(ema_key(r.source), "EMA copy of a UNet weight; loaded with ema=True") for r in unet]
+    rules += vae_rules(preset.vae)
+    if layout.generation == 1:
+        rules += clip_rules(preset.text, layout.clip_prefix)
+    else:
+        rules += openclip_rules(preset.text, layout.clip_prefix)
+    rules += [drop(name, "noise-schedule buffer; the scheduler recomputes it", optional=True)
+              for name in SCHEDULE_BUFFERS]
+    rules.append(drop("lvlb_weights", "training loss weights", optional=True))
+    rules.append(drop("model_ema.decay", "EMA bookkeeping", optional=True))
+    rules.append(drop("model_ema.num_updates", "EMA bookkeeping", optional=True))
+    return rules
