@@ -67,7 +67,8 @@ def make_betas(cfg: Mapping[str, Any]) -> torch.Tensor:
     if cfg.get("trained_betas") is not None:
         betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
         if betas.shape != (T,):
-            raise ValueError(f"trained_betas: expected {T} values (num_train_timesteps), got shape {tuple(betas.shape)}")
+            raise ValueError(f"trained_betas: expected {T} values (num_train_timesteps), "
+                             f"got shape {tuple(betas.shape)}")
     elif cfg["beta_schedule"] == "linear":
         betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
     elif cfg["beta_schedule"] == "scaled_linear":  # the SD schedule: linear in sqrt(beta)

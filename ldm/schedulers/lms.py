@@ -8,7 +8,8 @@ integrated exactly here (its degree is at most 3).
 
 One step from sigma_i to sigma_{i+1} with the last m = min(i + 1, order) slopes d_{i}, d_{i-1}, ..., d_{i-m+1}:
     (1) d_i = (x - x0) / sigma_i                                           the ODE slope at sigma_i
-    (2) c_j = integral_{sigma_i}^{sigma_{i+1}} prod_{k != j, k < m} (tau - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k}) dtau
+    (2) c_j = integral_{sigma_i}^{sigma_{i+1}} l_j(tau) dtau,                 the Lagrange basis polynomial
+            l_j(tau) = prod_{k != j, k < m} (tau - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k})
     (3) x_{i+1} = x_i + sum_j c_j d_{i-j}                                  (the Lagrange interpolant of the slopes,
                                                                             integrated over the step)
 Shapes: B batch, C channels, H, W latent size; T = num_train_timesteps, n = num_inference_steps.
