@@ -4,8 +4,9 @@ Every parity test fills the REFERENCE with `trained_like_` weights and loads its
 strict=True (an identity load), then compares on CPU in fp32.
 
 Tolerance: the parity contract's 1e-5 relative error (||ours - ref|| / ||ref||). Both sides run the same
-float32 convolutions; the only differences are summation order in GroupNorm / attention reshapes, which give
-~1e-7..1e-6 (measured: 6e-7 .. 2e-6). A wrong padding, a missing residual or a swapped norm gives >1e-2.
+float32 kernels; the only differences are summation orders (attention on a transposed view), which give
+0 .. ~1e-6 (measured: 0 to 1.3e-6; exactly 0 at the full SD 1.5 shape). A wrong padding, a missing residual
+or a swapped norm gives > 1e-2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ TOL = 1e-5  # the parity contract for components in fp32
 # (config, image shape): non-square sides, batch > 1, 1..3 levels, different widths / depths / groups / channels,
 # mid attention off, quant convs off.
 TINY = {
-    "two_levels_batch2": (VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32), (2, 3, 24, 40)),
+    "two_levels_batch2": (VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32),
+                          (2, 3, 24, 40)),
     "three_levels_groups8": (VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8),
                              (1, 3, 32, 16)),
     "no_mid_attention": (VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
@@ -288,11 +290,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
 # Reduced precision and the attention hook
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
 @torch.no_grad()
 def test_half_precision_on_cpu_stays_close_to_fp32(dtype: torch.dtype, tol: float) -> None:
     """fp16 / bf16 on CPU at a tiny size. Tolerances: fp16 has a 2^-11 ~ 5e-4 unit roundoff, bf16 2^-8 ~ 4e-3;
-    a dozen conv/norm layers accumulate a few units (measured: fp16 ~1e-3, bf16 ~1e-2)."""
+    a dozen conv/norm layers accumulate a few units (measured: fp16 2.3e-3, bf16 1.8e-2). A real bug (wrong
+    dtype path, overflow) gives O(1) errors or NaN, far above these bounds."""
     cfg, shape = TINY["three_levels_groups8"]
     ours, _ = make_pair(cfg, seed=9)
     x = image(shape)
