@@ -1,0 +1,410 @@
+"""Loading: a single file, a diffusers folder or a hub id -> our models, through the tables, cheaply and strictly.
+
+    load_components(path_or_id, ...) -> Components(unet, vae, text_encoder, tokenizer, scheduler, family)
+    load_pipeline(path_or_id, ...)   -> ldm.StableDiffusionPipeline of those parts
+
+The cheap path: the file is memory-mapped and verified from its header (keys, shapes) before any data is read;
+each model is built with its parameters on the meta device (no memory, no random init), then filled with
+`load_state_dict(strict=True, assign=True)`, taking the mapped tensors themselves when the file's dtype is the
+requested one (no copy at all) or their cast copies otherwise (the file's pages are released after each cast).
+Peak memory stays near one copy of the weights. Any fault raises before a model is returned: nothing half-loaded
+ever reaches the caller.
+
+Pickle checkpoints (.ckpt, .pt, .bin) can run code when unpickled: refused unless `allow_pickle=True`, and even
+then read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.config import FAMILIES, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
+
+from weights_convert.checkpoint import checkpoint_rules, detect_layout, resolve_family
+from weights_convert.convert import MAX_LISTED, DictSource, Source, tensors, verify
+from weights_convert.rules import Rule, drop
+from weights_convert.safetensors_file import CheckpointError, SafetensorsFile
+from weights_convert.vae_rules import PREFIX as VAE_PREFIX
+from weights_convert.vae_rules import vae_rules
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+COMPONENTS = ("unet", "vae", "text_encoder")
+# diffusers folder layout: component -> (subfolder, weights file stem)
+FOLDER_WEIGHTS = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
+                  "text_encoder": ("text_encoder", "model")}
+
+
+@dataclass
+class Components:
+    """The loaded parts of a model, ready for `ldm.StableDiffusionPipeline(**parts.pipeline_kwargs())`."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: Any
+    family: FamilyPreset
+    source: Path
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "scheduler": self.scheduler, "family": self.family}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources: opening files
+
+
+class ShardedSource:
+    """Several safetensors files read as one (a sharded diffusers component: `*.safetensors.index.json`)."""
+
+    def __init__(self, files: list[SafetensorsFile], path: Path) -> None:
+        self.path = path
+        self._files = files
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in files:
+            for key in f.keys():
+                if key in self._where:
+                    raise CheckpointError(f"{path}: key {key!r} is in two shards ({self._where[key].path.name}, "
+                                          f"{f.path.name})")
+                self._where[key] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._where[key].dtype(key)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._where[key].tensor(key)
+
+    def release(self, key: str) -> None:
+        self._where[key].release(key)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> Source:
+    """Open one weights file: safetensors by memory map; a pickle only with allow_pickle (weights_only)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and _looks_like_safetensors(path)):
+        return SafetensorsFile(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown weights format (expected .safetensors, or with allow_pickle=True "
+                              f"one of {', '.join(PICKLE_SUFFIXES)})")
+    if not allow_pickle:
+        raise CheckpointError(f"{path}: a pickle checkpoint; unpickling can run arbitrary code, so it is refused. "
+                              f"Convert it to .safetensors, or pass allow_pickle=True (--allow-pickle) to read it "
+                              f"with torch.load(weights_only=True)")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds; the message is what matters
+        raise CheckpointError(f"{path}: cannot read the pickle checkpoint with torch.load(weights_only=True): "
+                              f"{type(e).__name__}: {e}") from None
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # LatentDiffusion's Lightning checkpoints nest the weights
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict")
+    return DictSource(obj, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building models on the meta device and filling them
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Inside the block, every parameter a module registers lives on the meta device (no memory, init is a no-op).
+
+    Buffers stay real, so a model's non-persistent buffers (not in any file) are built as usual.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
+    from ldm.clip import CLIPTextModel
+    from ldm.unet import UNet2DConditionModel
+    from ldm.vae import AutoencoderKL
+
+    with _parameters_on_meta():
+        if component == "unet":
+            return UNet2DConditionModel(preset.unet)
+        if component == "vae":
+            return AutoencoderKL(preset.vae)
+        return CLIPTextModel(preset.text)
+
+
+def _expected(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _fill(model: nn.Module, rules: list[Rule], source: Source, component: str, dtype: torch.dtype | None,
+          device: str | torch.device) -> nn.Module:
+    state = dict(tensors(rules, source, component, dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftovers:  # cannot happen after a strict load; a guard against a half-built model escaping
+        raise CheckpointError(f"{source.path}: {component} tensors left unloaded: {leftovers[:MAX_LISTED]}")
+    if dtype is not None:
+        model.to(dtype)  # the buffers; parameters already have it (a no-op for them)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The three source kinds
+
+
+def _scheduler(config: dict[str, Any]) -> Any:
+    from ldm import schedulers
+
+    name = config.get("_class_name")
+    cls = getattr(schedulers, str(name), None)
+    if not isinstance(cls, type):
+        raise CheckpointError(f"scheduler class {name!r} is not implemented; ldm.schedulers has "
+                              f"{', '.join(c.__name__ for c in schedulers.SCHEDULERS.values())}")
+    return cls.from_config(config)
+
+
+def _tokenizer_packaged(preset: FamilyPreset) -> Any:
+    from ldm.tokenizer import CLIPTokenizer
+
+    return CLIPTokenizer.packaged(preset.pad_token)
+
+
+def _single_file(path: Path, family: str | FamilyPreset | None, dtype: torch.dtype | None,
+                 device: str | torch.device, ema: bool, allow_pickle: bool, skip_vae: bool) -> Components:
+    source = open_source(path, allow_pickle)
+    shapes = {k: source.shape(k) for k in source.keys()}
+    layout = detect_layout(set(shapes), shapes, path)
+    preset = resolve_family(layout, family, path)
+    rules = checkpoint_rules(preset, layout, ema=ema)
+    wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
+    models = {c: _empty_model(c, preset) for c in wanted}
+    verify(rules, source, {c: _expected(m) for c, m in models.items()}, what=f"{preset.name} checkpoint")
+    loaded = {c: _fill(m, rules, source, c, dtype, device) for c, m in models.items()}
+    return Components(loaded["unet"], loaded.get("vae"), loaded["text_encoder"], _tokenizer_packaged(preset),
+                      _scheduler(preset.scheduler), preset, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a diffusers folder needs it)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+
+
+def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool) -> Source:
+    """The weights of one component folder: `<stem>[.<variant>].safetensors`, sharded or not.
+
+    With no variant asked and no plain weights present, a folder holding a single variant (e.g. only the fp16
+    files) is read as that variant, as diffusers finds them.
+    """
+    def candidates(v: str | None) -> list[Path]:
+        mid = f".{v}" if v else ""
+        return [sub / f"{stem}{mid}.safetensors", sub / f"{stem}.safetensors.index{mid}.json",
+                sub / f"{stem}{mid}.safetensors.index.json"]
+
+    found = [p for p in candidates(variant) if p.is_file()]
+    if not found and variant is None:
+        variants = sorted({p.name[len(stem) + 1:].split(".")[0] for p in sub.glob(f"{stem}.*.safetensors")})
+        if len(variants) == 1:
+            found = [p for p in candidates(variants[0]) if p.is_file()]
+    if not found:
+        pickled = [p for p in (sub / f"{stem}{f'.{variant}' if variant else ''}.bin",) if p.is_file()]
+        if pickled:
+            return open_source(pickled[0], allow_pickle)
+        raise CheckpointError(f"{sub}: no weights file {stem}{f'.{variant}' if variant else ''}.safetensors "
+                              f"(found: {', '.join(sorted(p.name for p in sub.iterdir())) or 'nothing'})")
+    first = found[0]
+    if first.suffix == ".safetensors":
+        return SafetensorsFile(first)
+    shards = sorted(set(_read_json(first).get("weight_map", {}).values()))
+    if not shards:
+        raise CheckpointError(f"{first}: an index without a weight_map")
+    return ShardedSource([SafetensorsFile(sub / s) for s in shards], first)
+
+
+def folder_rules(component: str, expected: dict[str, tuple[int, ...]], source: Source) -> list[Rule]:
+    """A diffusers folder holds our keys already: the identity table, plus the text encoder's other layouts
+    (transformers 5.x saves CLIPTextModel without the `text_model.` prefix; old files carry `position_ids`)."""
+    prefixed = component != "text_encoder" or any(k.startswith("text_model.") for k in source.keys())
+    rules = [Rule(k if prefixed else k.removeprefix("text_model."), (k,), component) for k in expected]
+    if component == "text_encoder":
+        rules.append(drop(f"{'text_model.' if prefixed else ''}embeddings.position_ids", "a buffer", optional=True))
+    return rules
+
+
+def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, scheduler: dict[str, Any],
+                   family: str | FamilyPreset | None) -> str:
+    generation = 2 if text.hidden_act == "gelu" else 1
+    inpainting = unet.in_channels == 9
+    if generation == 1:
+        name = "sd15-inpaint" if inpainting else "sd15"
+    elif inpainting:
+        name = "sd2-inpaint"
+    else:
+        name = "sd21-v" if scheduler.get("prediction_type") == "v_prediction" else "sd21-base"
+    wanted = family.name if isinstance(family, FamilyPreset) else family
+    if wanted is not None and wanted != name:
+        if wanted not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {wanted!r}")
+        raise CheckpointError(f"{folder}: its configs describe a {name!r} model, not the requested family "
+                              f"{wanted!r}")
+    return name
+
+
+def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype | None, device: str | torch.device,
+            variant: str | None, allow_pickle: bool, skip_vae: bool) -> Components:
+    from ldm.tokenizer import CLIPTokenizer
+
+    if not any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: an empty folder (expected a diffusers model folder or a weights file)")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no {part}/ subfolder)")
+    unet_cfg = UNetConfig.from_diffusers(_read_json(folder / "unet" / "config.json"))
+    vae_cfg = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
+    text_cfg = CLIPTextConfig.from_transformers(_read_json(folder / "text_encoder" / "config.json"))
+    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+    name = _folder_family(folder, unet_cfg, text_cfg, sched_cfg, family)
+    preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg,
+                     prediction_type=sched_cfg.get("prediction_type", "epsilon"),
+                     scheduler_class=sched_cfg.get("_class_name", FAMILIES[name].scheduler_class))
+    loaded = {}
+    models = {c: _empty_model(c, preset) for c in COMPONENTS if not (skip_vae and c == "vae")}
+    sources = {}
+    for c, model in models.items():  # verify everything before filling anything
+        sub, stem = FOLDER_WEIGHTS[c]
+        sources[c] = folder_weights(folder / sub, stem, variant, allow_pickle)
+        rules = folder_rules(c, _expected(model), sources[c])
+        verify(rules, sources[c], {c: _expected(model)}, what=f"diffusers {c}")
+        loaded[c] = rules
+    filled = {c: _fill(m, loaded[c], sources[c], c, dtype, device) for c, m in models.items()}
+    return Components(filled["unet"], filled.get("vae"), filled["text_encoder"],
+                      CLIPTokenizer.from_dir(folder / "tokenizer"), _scheduler(sched_cfg), preset, folder)
+
+
+def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
+             config: VAEConfig | None = None, allow_pickle: bool = False) -> nn.Module:
+    """A separate VAE: a diffusers AutoencoderKL folder (config.json + weights, or a model folder's vae/), or one
+    file in the original layout (`encoder.down.0...`, with or without `first_stage_model.`) or diffusers'."""
+    from ldm.vae import AutoencoderKL
+
+    path = Path(path)
+    if path.is_dir():
+        sub = path / "vae" if (path / "vae").is_dir() else path
+        cfg = VAEConfig.from_diffusers(_read_json(sub / "config.json"))
+        source = folder_weights(sub, "diffusion_pytorch_model", None, allow_pickle)
+        diffusers_layout = True
+    else:
+        cfg = config or VAEConfig()
+        source = open_source(path, allow_pickle)
+        keys = set(source.keys())
+        diffusers_layout = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys)
+    with _parameters_on_meta():
+        model = AutoencoderKL(cfg)
+    expected = _expected(model)
+    if diffusers_layout:
+        rules = folder_rules("vae", expected, source)
+    else:
+        prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in source.keys()) else ""
+        rules = vae_rules(cfg, prefix) + [drop(k, "EMA bookkeeping", optional=True)
+                                          for k in ("model_ema.decay", "model_ema.num_updates")]
+    verify(rules, source, {"vae": expected}, what="VAE")
+    return _fill(model, rules, source, "vae", dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None (the file's own), "
+                         f"got {dtype!r}")
+
+
+def load_components(path_or_id: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
+                    device: str | torch.device = "cpu", family: str | FamilyPreset | None = None,
+                    vae: str | os.PathLike | nn.Module | None = None, ema: bool = False, allow_pickle: bool = False,
+                    variant: str | None = None) -> Components:
+    """Load every part of a model: a single file, a diffusers folder, or a hub id (see ldm/hub.py).
+
+    dtype: the models' dtype (None keeps the file's); family: settles what keys cannot tell (see checkpoint.py);
+    vae: a separate VAE (file, folder, or a loaded module) replacing the checkpoint's; ema: a full file's EMA
+    weights; variant: a diffusers folder's weight variant ("fp16"); allow_pickle: read .ckpt/.pt/.bin files.
+    """
+    from ldm.hub import resolve
+
+    _check_dtype(dtype)
+    if not isinstance(ema, bool):
+        raise TypeError(f"ema must be a bool, got {ema!r}")
+    path = resolve(path_or_id, variant=variant)
+    skip_vae = vae is not None
+    if path.is_dir():
+        if ema:
+            raise ValueError(f"{path}: ema=True applies to single-file checkpoints; a diffusers folder holds one "
+                             f"set of weights")
+        parts = _folder(path, family, dtype, device, variant, allow_pickle, skip_vae)
+    else:
+        if variant is not None:
+            warnings.warn(f"variant={variant!r} applies to diffusers folders; ignored for the file {path}",
+                          stacklevel=2)
+        parts = _single_file(path, family, dtype, device, ema, allow_pickle, skip_vae)
+    if vae is not None:
+        if isinstance(vae, nn.Module):
+            parts.vae = vae
+        else:
+            parts.vae = load_vae(vae, dtype=dtype, device=device, config=parts.family.vae, allow_pickle=allow_pickle)
+    return parts
+
+
+def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
+                  device: str | torch.device = "cpu", family: str | FamilyPreset | None = None,
+                  vae: str | os.PathLike | nn.Module | None = None, ema: bool = False, allow_pickle: bool = False,
+                  variant: str | None = None) -> Any:
+    """`ldm.load_pipeline`: the parts of `load_components`, assembled into an ldm.StableDiffusionPipeline."""
+    from ldm.pipeline import StableDiffusionPipeline
+
+    parts = load_components(path_or_hub_id, dtype=dtype, device=device, family=family, vae=vae, ema=ema,
+                            allow_pickle=allow_pickle, variant=variant)
+    return StableDiffusionPipeline(**parts.pipeline_kwargs())
