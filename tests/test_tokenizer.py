@@ -1,0 +1,158 @@
+"""ldm.CLIPTokenizer against transformers.CLIPTokenizer (5.23.0) loaded from the official SD 1 / SD 2 tokenizer
+folders. The contract is identical ids (no tolerance): the same prompts give the same (B, 77) tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import ldm
+from ldm.tokenizer import CLIPTokenizer
+from tests.helpers import TOKENIZER_DIR
+
+FAMILIES = {"sd15": ("<|endoftext|>", 49407), "sd21": ("!", 0)}
+
+PROMPTS = [
+    "a dog wearing hat",
+    "",
+    " ",
+    "A Photograph of an ASTRONAUT riding a horse, 4K, HDR, trending on ArtStation",
+    "hello, world! what's up? it'll be fine; they're here, we've won, I'm done, you'd see",
+    "don't won't can't isn't SHE'S",
+    "numbers 1234567 3.14159 -42 1e10 2024-11-23 #1 $5 50% 1/2",
+    "punctuation !!! ??? ... --- ((masterpiece)), [best quality:1.2], {a|b}, <lora:x:0.8>",
+    "café naïve résumé Ångström Zürich façade coöperate",
+    "Cafe\u0301 (combining accent, NFC makes it café)",
+    "emoji 🐶🐱 👩‍🚀 🚀✨ ❤️",
+    "CJK 東京の夜景 北京 서울 の猫",
+    "Ελληνικά кириллица עברית العربية हिन्दी ไทย",
+    "runs   of  spaces\tand\ttabs\nand\nnewlines\r\n\u00a0nbsp\u2003em-space   ",
+    "  leading and trailing whitespace  ",
+    "<|startoftext|>special<|endoftext|> tokens in the text <|ENDOFTEXT|>",
+    "snake_case camelCase kebab-case dots.and.more @mention #hashtag http://example.com/a?b=c",
+    "a " * 100,
+    "an extremely detailed " + "and very long prompt with many different words " * 12 + "END",
+    "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
+    "\x00\x07 control chars \u200b zero width \ufeff bom",
+]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request: pytest.FixtureRequest) -> tuple[str, transformers.CLIPTokenizer, CLIPTokenizer]:
+    folder = TOKENIZER_DIR / request.param
+    return request.param, transformers.CLIPTokenizer.from_pretrained(folder), CLIPTokenizer.from_dir(folder)
+
+
+def reference_ids(ref: transformers.CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    out = ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    return out.input_ids
+
+
+def test_ids_identical(pair: tuple[str, transformers.CLIPTokenizer, CLIPTokenizer]) -> None:
+    family, ref, ours = pair
+    ids = ours(PROMPTS)
+    assert ids.dtype == torch.long and ids.shape == (len(PROMPTS), 77)
+    expected = reference_ids(ref, PROMPTS)
+    for i, prompt in enumerate(PROMPTS):  # one at a time, so a failure names the prompt
+        assert ids[i].tolist() == expected[i].tolist(), f"{family}: prompt {prompt!r}"
+    assert torch.equal(ours(PROMPTS[3]), reference_ids(ref, [PROMPTS[3]]))  # a single string is a batch of 1
+
+
+def test_encode_tokenize_decode_identical(pair: tuple[str, transformers.CLIPTokenizer, CLIPTokenizer]) -> None:
+    family, ref, ours = pair
+    for prompt in PROMPTS:
+        ids = ours.encode(prompt)
+        assert ids == ref(prompt, add_special_tokens=False).input_ids, f"{family}: encode {prompt!r}"
+        assert ours.tokenize(prompt) == ref.tokenize(prompt), f"{family}: tokenize {prompt!r}"
+        padded = ours(prompt)[0].tolist()
+        for skip in (False, True):
+            assert ours.decode(padded, skip_special_tokens=skip) == ref.decode(padded, skip_special_tokens=skip), (
+                f"{family}: decode {prompt!r} skip_special_tokens={skip}")
+    assert ours.decode(torch.tensor([49406, 320, 1929, 49407])) == "<|startoftext|>a dog <|endoftext|>"
+
+
+def test_long_prompts_encode_beyond_77(pair: tuple[str, transformers.CLIPTokenizer, CLIPTokenizer]) -> None:
+    _, _, ours = pair
+    long = "an extremely detailed " + "and very long prompt with many different words " * 12 + "END"
+    ids = ours.encode(long)
+    assert len(ids) == 3 + 8 * 12 + 1  # encode does not truncate
+    row = ours(long)[0].tolist()
+    assert row == [49406, *ids[:75], 49407]  # truncation keeps the first 75 and EOS stays last
+
+
+def test_known_ids_and_padding() -> None:
+    """The example of the brief, and each family's pad token."""
+    for family, (pad, pad_id) in FAMILIES.items():
+        tok = CLIPTokenizer.from_dir(TOKENIZER_DIR / family)
+        assert (tok.bos_id, tok.eos_id, tok.pad_id) == (49406, 49407, pad_id)
+        assert tok.special_tokens["pad_token"] == pad
+        assert (tok.model_max_length, tok.vocab_size) == (77, 49408)
+        row = tok(["a dog wearing hat"])[0].tolist()
+        assert row == [49406, 320, 1929, 3309, 3801, 49407] + [pad_id] * 71
+        assert tok([""])[0].tolist() == [49406, 49407] + [pad_id] * 75
+
+
+def test_sd2_pad_token_is_special_like_transformers() -> None:
+    """transformers registers "!" as SD 2's pad (special) token, so "!" in a prompt becomes id 0, not BPE's "!</w>"."""
+    sd1, sd2 = (CLIPTokenizer.from_dir(TOKENIZER_DIR / f) for f in ("sd15", "sd21"))
+    assert sd1.tokenize("hi!!") == ["hi</w>", "!!</w>"] and 0 not in sd1.encode("hi!!")
+    assert sd2.tokenize("hi!!") == ["hi</w>", "!", "!"] and sd2.encode("hi!!")[1:] == [0, 0]
+    assert sd1.encode("hi!!")[0] == sd2.encode("hi!!")[0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packaged_equals_folder(family: str) -> None:
+    pad, _ = FAMILIES[family]
+    packaged = CLIPTokenizer.packaged(pad_token=pad)
+    folder = CLIPTokenizer.from_dir(TOKENIZER_DIR / family)
+    assert torch.equal(packaged(PROMPTS), folder(PROMPTS))
+    assert json.loads(packaged._tok.to_str()) == json.loads(folder._tok.to_str())  # same tokenizers pipeline
+    preset = ldm.SD15 if family == "sd15" else ldm.SD21_V
+    assert preset.pad_token == pad
+
+
+def test_bare_folder_uses_transformers_defaults(tmp_path: Path) -> None:
+    """vocab.json + merges.txt alone: transformers' defaults (pad "<|endoftext|>") on both sides."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(TOKENIZER_DIR / "sd15" / name, tmp_path / name)
+    ref = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    ours = CLIPTokenizer.from_dir(tmp_path)
+    assert ours.pad_id == 49407
+    assert ours(PROMPTS).tolist() == reference_ids(ref, PROMPTS).tolist()
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    tok = CLIPTokenizer.packaged()
+    with pytest.raises(TypeError, match=r"prompts\[1\]"):
+        tok(["ok", 3])
+    with pytest.raises(TypeError, match="list of str"):
+        tok(None)
+    with pytest.raises(TypeError, match="list of str"):
+        tok(b"bytes")
+    with pytest.raises(ValueError, match="empty list"):
+        tok([])
+    with pytest.raises(TypeError, match="text must be a str"):
+        tok.encode(["a"])
+    with pytest.raises(ValueError, match="49408"):
+        tok.decode([320, 49408])
+    with pytest.raises(ValueError, match="1-D"):
+        tok.decode(torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="'<pad>' is not in the vocabulary"):
+        CLIPTokenizer.packaged(pad_token="<pad>")
+    with pytest.raises(TypeError, match="pad_token must be a str"):
+        CLIPTokenizer.packaged(pad_token=0)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        CLIPTokenizer.from_dir(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        CLIPTokenizer.from_dir(tmp_path)
+    with pytest.raises(ValueError, match="model_max_length"):
+        CLIPTokenizer(TOKENIZER_DIR / "sd15" / "vocab.json", TOKENIZER_DIR / "sd15" / "merges.txt",
+                      model_max_length=1)
+    with pytest.raises(ValueError, match="sep_token"):
+        CLIPTokenizer(TOKENIZER_DIR / "sd15" / "vocab.json", TOKENIZER_DIR / "sd15" / "merges.txt",
+                      special_tokens={"sep_token": "!"})
