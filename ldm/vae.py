@@ -398,6 +398,8 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"{fn}: {arg} must have {channels} channels (config {field}), got {t.shape[1]} "
                              f"(shape {tuple(t.shape)})")
         weight = self.encoder.conv_in.weight
-        if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+        device = t.device.type  # under autocast mixed dtypes are the point; meta has no autocast to ask about
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        if t.dtype != weight.dtype and not autocast:
             raise TypeError(f"{fn}: {arg} has dtype {t.dtype} but the model's weights are {weight.dtype}; "
                             f"convert one of them (e.g. vae.to({t.dtype}))")

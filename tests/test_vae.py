@@ -122,6 +122,10 @@ def test_parameter_count_of_the_sd_vae(preset: str) -> None:
         vae = AutoencoderKL(getattr(ldm, preset).vae)
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     assert vae.scaling_factor == 0.18215
+    with torch.device("meta"):  # the shapes of docs/vae.md, traced without computing anything
+        posterior = vae.encode(torch.zeros(1, 3, 512, 512))
+        assert posterior.mean.shape == posterior.sample().shape == (1, 4, 64, 64)
+        assert vae.decode(posterior.mode()).shape == (1, 3, 512, 512)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])
@@ -284,6 +288,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
         vae.decode(torch.zeros(1, 4, 4, 4, dtype=torch.float16))
     with pytest.raises(TypeError, match="cfg must be an ldm.VAEConfig, got dict"):
         AutoencoderKL({"latent_channels": 4})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast mixed dtypes are fine
+        assert vae.decode(torch.zeros(1, 4, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------------------
