@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import diffusers
 import pytest
@@ -30,7 +31,7 @@ SD15 = diffusers_config("sd15", "scheduler")  # the official PNDM config (skip_p
 SD21 = diffusers_config("sd21", "scheduler")  # the official DDIM v-prediction config (carries skip_prk_steps)
 
 
-def build(name: str, config: dict, **overrides) -> tuple[S.Scheduler, object]:
+def build(name: str, config: dict, **overrides: Any) -> tuple[S.Scheduler, Any]:
     """Ours and diffusers' scheduler of that name from the same config dict."""
     ours = S.from_name(name, {**config, **overrides})
     ref_cls = getattr(diffusers, type(ours).__name__)
@@ -44,7 +45,8 @@ def fake_model(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     return 0.8 * torch.tanh(x) * math.cos(tf / 300.0) + 0.1 * torch.sin(3.0 * x) + 0.05 * tf / 1000.0
 
 
-def ref_step(ref, model_output, t, x, generator, eta):
+def ref_step(ref: Any, model_output: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+             generator: torch.Generator, eta: float) -> torch.Tensor:
     kwargs = {}
     if isinstance(ref, diffusers.DDIMScheduler):
         kwargs = {"eta": eta, "generator": generator}
@@ -54,7 +56,8 @@ def ref_step(ref, model_output, t, x, generator, eta):
     return ref.step(model_output, t, x, **kwargs).prev_sample
 
 
-def run_trajectory(ours, ref, timesteps_ours, timesteps_ref, x, eta: float = 0.0, seed: int = 0) -> float:
+def run_trajectory(ours: S.Scheduler, ref: Any, timesteps_ours: torch.Tensor, timesteps_ref: torch.Tensor,
+                   x: torch.Tensor, eta: float = 0.0, seed: int = 0) -> float:
     """Drive both along their own trajectories with the fake model; assert every step; return the worst error."""
     assert torch.equal(timesteps_ours, timesteps_ref) and timesteps_ours.dtype == timesteps_ref.dtype
     g_ours, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
@@ -198,6 +201,24 @@ def test_euler_churn_matches_diffusers() -> None:
         x = a
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_fp16_trajectory_keeps_dtype_and_matches(name: str) -> None:
+    """fp16 latents (the CUDA fp16 pipeline's dtype): same dtype and same numbers as diffusers (1e-3: fp16 eps)."""
+    ours, ref = build(name, SD15)
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    x = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * ref.init_noise_sigma).half()
+    x_ours, x_ref = x.clone(), x.clone()
+    g_ours, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in ours.timesteps:
+        mo = fake_model(ours.scale_model_input(x_ours, t).float(), t).half()
+        mr = fake_model(ref.scale_model_input(x_ref, t).float(), t).half()
+        x_ours = ours.step(mo, t, x_ours, generator=g_ours)
+        x_ref = ref_step(ref, mr, t, x_ref, g_ref, 0.0)
+        assert x_ours.dtype == x_ref.dtype == torch.float16
+        assert rel_err(x_ours, x_ref) <= 1e-3
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # add_noise and img2img starts
 
@@ -215,7 +236,7 @@ def test_add_noise_matches_diffusers(name: str) -> None:
         assert rel_err(got, want) <= TOL, f"{name} k={k}"
 
 
-def diffusers_img2img_timesteps(ref, n: int, strength: float) -> torch.Tensor:
+def diffusers_img2img_timesteps(ref: Any, n: int, strength: float) -> torch.Tensor:
     """StableDiffusionImg2ImgPipeline.get_timesteps, verbatim in effect."""
     ref.set_timesteps(n)
     init_timestep = min(int(n * strength), n)
