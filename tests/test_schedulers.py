@@ -99,6 +99,12 @@ def test_alphas_cumprod_identical_for_every_beta_schedule(cls: type) -> None:
         cfg = {**SD15, "beta_schedule": schedule}
         ours, ref = cls.from_config(cfg), getattr(diffusers, cls.__name__).from_config(cfg)
         assert torch.equal(ours.betas, ref.betas) and torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    betas = torch.linspace(1e-4, 0.03, 1000).tolist()
+    ours = cls.from_config({**SD15, "trained_betas": betas})
+    assert torch.equal(ours.alphas_cumprod, getattr(diffusers, cls.__name__)(trained_betas=betas).alphas_cumprod)
+    assert len(ours) == 1000 and ours.order == getattr(diffusers, cls.__name__).order == 1
+    with pytest.raises(ValueError, match="trained_betas"):
+        cls.from_config({**SD15, "trained_betas": betas[:10]})
 
 
 # ----------------------------------------------------------------------------------------------------------------
