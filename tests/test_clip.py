@@ -251,3 +251,22 @@ def test_parity_full_shape(preset: ldm.FamilyPreset) -> None:
     pad = EOS if preset.pad_token == "<|endoftext|>" else 0
     errs = compare(ref, ours, prompt_ids(2, length=24, pad=pad))
     assert errs["last"] <= TOL and errs["penultimate"] <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 on a GPU (skipped without one): the contract's 1e-2 relative error against transformers in fp16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_parity_fp16_cuda(act: str) -> None:
+    ref, ours = pair(tiny(hidden_act=act, num_hidden_layers=4))
+    ref, ours = ref.to("cuda", torch.float16), ours.to("cuda", torch.float16)
+    ids = prompt_ids(3).cuda()
+    with torch.no_grad():
+        r = ref(ids, output_hidden_states=True)
+        o = ours(ids)
+    assert o.last_hidden_state.dtype == torch.float16
+    assert_rel(o.last_hidden_state, r.last_hidden_state, 1e-2, "fp16 last_hidden_state")
+    assert_rel(o.hidden_states[-2], r.hidden_states[-2], 1e-2, "fp16 penultimate")
+    assert_rel(o.pooler_output, r.pooler_output, 1e-2, "fp16 pooled")
