@@ -115,6 +115,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """The stack of layers (key `encoder.layers.i`); CLIPTextModel.forward runs it and keeps each layer's output."""
+
     def __init__(self, cfg: CLIPTextConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
