@@ -175,7 +175,7 @@ class AttentionReweight:
 
 
 def token_weights(tokenizer: Tokenizer, prompt: str, words: Mapping[str, float], weighting: bool = True) -> Tensor:
-    """(77,) multipliers: words[w] at every piece of each word w of the prompt (as `prompt_words` finds them), else 1."""
+    """(77,) multipliers: words[w] at every piece of each word w of the prompt (found by `prompt_words`), else 1."""
     found = prompt_words(tokenizer, prompt, weighting)
     weights = torch.ones(S_ONE_CHUNK)
     for word, factor in words.items():

@@ -104,8 +104,8 @@ class AttentionStore:
         upsampled maps) and the total divided by the number of maps.
         """
         if not self._sums:
-            raise ValueError("AttentionStore.heatmap: nothing recorded; install the store on the UNet's cross-attention "
-                             "layers (use_processor(unet, store)) and generate first")
+            raise ValueError("AttentionStore.heatmap: nothing recorded; install the store on the UNet's "
+                             "cross-attention layers (use_processor(unet, store)) and generate first")
         H, W = size
         total, count = None, 0
         for L, summed in self._sums.items():
