@@ -1,0 +1,129 @@
+"""Load cost: ldm.load_pipeline vs diffusers' StableDiffusionPipeline.from_single_file on the same synthetic SD 1.5
+file, same run, warm page cache.
+
+    flock /tmp/ldm-heavy.lock python scripts/bench_load.py [--workdir /tmp/ldm-bench] [--repeats 3]
+
+Three paths: the fp32 file loaded as fp32 (same dtype), the fp16 file loaded as fp32, the fp32 file loaded as fp16.
+Each measurement runs in a fresh process (so peak RSS is that load's alone): import the library, then time the
+load plus one pass reading every weight (`p.sum()` over every parameter: a lazy or memory-mapped load must not
+hide its cost). Peak RSS is the process's high-water mark (ru_maxrss); "over base" subtracts the RSS measured
+after the imports, before the load. The synthetic files (4.3 GB fp32, 2.1 GB fp16) come from tests/synth.py and
+are deleted at the end unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "tests" / "fixtures" / "diffusers_configs" / "sd15"
+PATHS = (("fp32", "fp32"), ("fp16", "fp32"), ("fp32", "fp16"))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(loader: str, file: str, dtype_name: str) -> None:
+    """One measurement, in this (fresh) process; prints a JSON line."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    if loader == "ours":
+        sys.path.insert(0, str(ROOT))
+        import ldm
+        import weights_convert.load  # noqa: F401  (imports before the clock starts, as for diffusers)
+
+        base = _rss_bytes()
+        t0 = time.perf_counter()
+        pipe = ldm.load_pipeline(file, dtype=dtype, family="sd15")
+    else:
+        import diffusers
+
+        base = _rss_bytes()
+        t0 = time.perf_counter()
+        pipe = diffusers.StableDiffusionPipeline.from_single_file(
+            file, config=str(CONFIG), local_files_only=True, safety_checker=None, feature_extractor=None,
+            torch_dtype=dtype)
+    t_load = time.perf_counter() - t0
+    total = 0.0
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for p in module.parameters():
+            assert p.dtype == dtype
+            total += float(p.sum())  # touch every weight once
+    t_all = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"load_s": t_load, "load_and_read_s": t_all, "peak_rss": peak, "base_rss": base,
+                      "checksum": total}))
+
+
+def measure(loader: str, file: Path, dtype: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", loader, str(file), dtype], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ldm-bench"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--child", nargs=3, metavar=("LOADER", "FILE", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from tests.synth import write_synthetic_checkpoint
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, dtype in (("fp32", None), ("fp16", torch.float16)):
+        path = args.workdir / f"sd15_{name}.safetensors"
+        if not path.exists():
+            print(f"writing {path} ...", flush=True)
+            write_synthetic_checkpoint("sd15", path, dtype=dtype)
+        files[name] = path
+    gib = 1024 ** 3
+    print(f"\nfiles: fp32 {files['fp32'].stat().st_size / gib:.2f} GiB, fp16 {files['fp16'].stat().st_size / gib:.2f} "
+          f"GiB; torch {torch.__version__}, {os.cpu_count()} CPUs; median of {args.repeats} fresh processes\n")
+    header = (f"{'path':<14} {'loader':<10} {'load s':>7} {'load+read s':>12} {'peak RSS GiB':>13} "
+              f"{'over base GiB':>14} {'peak/file':>10}")
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for src, dst in PATHS:
+        file = files[src]
+        subprocess.run(["cat", str(file)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+        for loader in ("ours", "diffusers"):
+            runs = [measure(loader, file, dst) for _ in range(args.repeats)]
+            r = {k: statistics.median(run[k] for run in runs) for k in ("load_s", "load_and_read_s", "peak_rss",
+                                                                        "base_rss")}
+            results[(src, dst, loader)] = r
+            print(f"{src}->{dst:<8} {loader:<10} {r['load_s']:7.2f} {r['load_and_read_s']:12.2f} "
+                  f"{r['peak_rss'] / gib:13.2f} {(r['peak_rss'] - r['base_rss']) / gib:14.2f} "
+                  f"{r['peak_rss'] / file.stat().st_size:10.2f}", flush=True)
+    print("\nratios ours / diffusers (<= 1.0 is the target):")
+    for src, dst in PATHS:
+        a, b = results[(src, dst, "ours")], results[(src, dst, "diffusers")]
+        print(f"  {src}->{dst}: time (load+read) {a['load_and_read_s'] / b['load_and_read_s']:.2f}, "
+              f"peak RSS {a['peak_rss'] / b['peak_rss']:.2f}")
+    if not args.keep:
+        for path in files.values():
+            path.unlink()
+
+
+if __name__ == "__main__":
+    main()
