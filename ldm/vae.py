@@ -187,12 +187,12 @@ class VAEAttention(AttentionLayer):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, L, C)
+        h = self.group_norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, L, C)
         q = self.to_q(h).unsqueeze(1)  # (B, 1, L, C): one head of width C
         k = self.to_k(h).unsqueeze(1)
         v = self.to_v(h).unsqueeze(1)
         h = self.attend(q, k, v).squeeze(1)  # (B, L, C)
-        h = self.to_out[0](h.to(q.dtype))
+        h = self.to_out[0](h.to(q.dtype))  # a research processor may hand back fp32
         h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + h
 
