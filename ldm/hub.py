@@ -50,10 +50,12 @@ def resolve(path_or_id: str | os.PathLike, *, variant: str | None = None, cache_
     text = str(path_or_id)
     parts = text.split("/")
     looks_like_id = len(parts) >= 2 and all(parts) and not text.startswith((".", "/", "~")) and "\\" not in text
+    if len(parts) == 2 and text.endswith(SINGLE_FILE_SUFFIXES):
+        looks_like_id = False  # "dir/model.safetensors": a local path, not a repo
     if not looks_like_id:
         raise FileNotFoundError(f"{text}: no such file or folder (and not a hub id of the form 'org/name')")
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE") or None
     repo_id = "/".join(parts[:2])
@@ -77,3 +79,5 @@ def resolve(path_or_id: str | os.PathLike, *, variant: str | None = None, cache_
         where = "HF_HUB_OFFLINE=1 is set and " if offline else ""
         raise FileNotFoundError(f"{text}: not a local path, and {where}the hub cache "
                                 f"({cache_dir or 'default'}) does not hold it: {e}") from None
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+        raise FileNotFoundError(f"{text}: not a local path, and not found on the hub: {e}") from None

@@ -286,3 +286,28 @@ def test_key_mapping_doc_is_current() -> None:
 
     doc = (Path(__file__).parents[1] / "docs" / "key_mapping.md").read_text()
     assert doc == render_doc(), "docs/key_mapping.md is stale: run python -m weights_convert docs"
+
+
+def test_hub_fetches_only_the_needed_files() -> None:
+    """The allow_patterns given to snapshot_download, applied to a typical SD repo listing the way the hub does."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from ldm.hub import needed_patterns
+
+    listing = ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "README.md",
+               "safety_checker/config.json", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+               "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+               "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"]
+    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        listing += [f"{sub}/config.json", f"{sub}/{stem}.safetensors", f"{sub}/{stem}.bin",
+                    f"{sub}/{stem}.fp16.safetensors", f"{sub}/{stem}.fp16.bin", f"{sub}/{stem}.non_ema.safetensors"]
+    plain = set(filter_repo_objects(listing, allow_patterns=needed_patterns()))
+    assert plain == {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                     "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                     "text_encoder/model.safetensors"}
+    fp16 = set(filter_repo_objects(listing, allow_patterns=needed_patterns("fp16")))
+    assert {f for f in fp16 if "safetensors" in f} == {"unet/diffusion_pytorch_model.fp16.safetensors",
+                                                       "vae/diffusion_pytorch_model.fp16.safetensors",
+                                                       "text_encoder/model.fp16.safetensors"}
