@@ -86,6 +86,15 @@ def test_store_without_keep_still_averages() -> None:
     torch.testing.assert_close(heat, manual, rtol=1e-5, atol=1e-7)
 
 
+def test_store_keeps_self_attention_maps_out_of_the_heatmap() -> None:
+    store = AttentionStore()
+    store(*qkv(2, L=16, S=16), name="x.attn1", mask=None)
+    store(*qkv(2), name="x.attn2", mask=None)
+    assert store.maps["x.attn1"][0].shape == (1, 2, 16, 16)  # kept: (B, nh, L, L)
+    assert store.recorded == 1  # but only the cross-attention map counts towards the word heatmaps
+    assert store.heatmap((4, 4)).shape == (1, 77, 4, 4)
+
+
 def test_step_counter_follows_the_first_layer() -> None:
     counter = StepCounter()
     assert [counter.observe(n) for n in ["x", "y", "x", "y", "x"]] == [0, 0, 1, 1, 2]

@@ -9,8 +9,8 @@ kernel's output, untouched, and beside it computes the fp32 probabilities softma
 conditional half of the batch, which it
   - keeps, when keep=True, in `.maps[name]`: one (B, nh, L, S) tensor per recorded step (every `every`-th UNet
     evaluation, counted as ldm/research/hooks.py explains), and
-  - always folds into running sums per resolution, (B, L, S) averaged over heads, from which `heatmap()` gives the
-    DAAM average without keeping any step.
+  - always folds the cross-attention layers' maps (`...attn2`) into running sums per resolution, (B, L, S)
+    averaged over heads, from which `heatmap()` gives the DAAM average without keeping any step.
 Memory of keep=True: every cross-attention layer of SD 1.5 at 512x512 (latent 64x64) holds L = 5*4096 + 5*1024 +
 5*256 + 64 = 26,944 query rows x 8 heads x 77 tokens x 4 bytes = 66 MB per image per recorded step for the
 conditional half (133 MB per step for a guided batch of one image, were both halves kept); a 50-step generation
@@ -38,7 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.attention import attention, attention_probs
-from ldm.research.hooks import StepCounter, conditional_half, conditional_mask
+from ldm.research.hooks import StepCounter, conditional_half, conditional_mask, is_cross_attention
 from ldm.research.weighting import Tokenizer, context_position, parse_prompt_weights, tokenize_weighted
 
 
@@ -80,6 +80,8 @@ class AttentionStore:
         probs = probs.detach()
         if self.keep:
             self.maps.setdefault(name, []).append(probs)
+        if not is_cross_attention(name):
+            return  # self-attention maps (S = L) are kept but have no words: no heatmap
         L = probs.shape[2]
         head_mean = probs.float().mean(dim=1)  # (B, L, S)
         if L in self._sums:
