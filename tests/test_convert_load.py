@@ -311,3 +311,12 @@ def test_hub_fetches_only_the_needed_files() -> None:
     assert {f for f in fp16 if "safetensors" in f} == {"unet/diffusion_pytorch_model.fp16.safetensors",
                                                        "vae/diffusion_pytorch_model.fp16.safetensors",
                                                        "text_encoder/model.fp16.safetensors"}
+
+
+def test_load_pipeline_runs(tiny_files: dict[str, Path]) -> None:
+    import ldm
+
+    pipe = ldm.load_pipeline(tiny_files["sd1"], family=TINY_SD1)
+    assert isinstance(pipe, ldm.StableDiffusionPipeline) and pipe.family.name == "sd15"
+    out = pipe("a dog wearing a hat", height=16, width=16, num_inference_steps=2, seed=0, output_type="latent")
+    assert out.latents.shape == (1, 4, 8, 8) and torch.isfinite(out.latents).all()
