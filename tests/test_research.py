@@ -145,6 +145,19 @@ def test_reweight_processor() -> None:
         AttentionReweight(torch.ones(10))(q, k, v, name=CROSS, mask=None)
 
 
+@pytest.mark.cuda
+def test_processors_in_fp16_on_cuda() -> None:
+    q, k, v = (t.to("cuda", torch.float16) for t in qkv(4))
+    store = AttentionStore()
+    assert torch.equal(store(q, k, v, name=CROSS, mask=None), attention(q, k, v))
+    (probs,) = store.maps[CROSS]
+    assert probs.dtype == torch.float32 and probs.device.type == "cuda"  # probabilities in fp32 (attention_probs)
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]), rtol=0, atol=1e-5)
+    out = PromptToPrompt(2, cross_fraction=1.0)(q, k, v, name=CROSS, mask=None)
+    assert out.dtype == torch.float16
+    assert torch.equal(out[3], attention_probs(q[2:], k[2:])[0].half() @ v[3])
+
+
 @pytest.fixture(scope="module")
 def tok() -> CLIPTokenizer:
     return CLIPTokenizer.from_dir(TOKENIZER_DIR / "sd15")
