@@ -78,6 +78,20 @@ def test_parser_never_crashes_on_bracket_soup() -> None:
     assert "".join(t for t, _ in fragments).count("\\") == soup.count("\\") - soup.count("\\[")
 
 
+def test_parser_fuzz_gives_fragments_or_the_number_error() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("()[]:\\ a1.-+e") for _ in range(rng.randint(0, 14)))
+        try:
+            fragments = parse_prompt_weights(text)
+        except ValueError as e:
+            assert "is not a number" in str(e), text
+            continue
+        assert fragments and all(isinstance(t, str) and isinstance(w, float) for t, w in fragments), text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokens and chunks
 
