@@ -159,3 +159,19 @@ def test_dtype_and_arguments(good: Path) -> None:
         load_components(good, family=TINY_SD1, ema="yes")
     with pytest.raises(TypeError, match="path_or_id must be"):
         load_components(42)
+
+
+def test_damaged_diffusers_folder(good: Path, tmp_path: Path) -> None:
+    from weights_convert.export import export_diffusers
+
+    folder = export_diffusers(load_components(good, family=TINY_SD1), tmp_path / "model")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    t = _tensors(weights)
+    t["conv_in.weight"] = torch.zeros(32, 5, 3, 3)
+    save_file(t, weights)
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors: shape mismatch for "
+                                              r"'conv_in.weight' -> unet 'conv_in.weight': the file has \[32, 5, 3, 3\]"):
+        load_components(folder)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="unet: no weights file diffusion_pytorch_model.safetensors"):
+        load_components(folder)

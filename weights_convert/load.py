@@ -309,16 +309,15 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg,
                      prediction_type=sched_cfg.get("prediction_type", "epsilon"),
                      scheduler_class=sched_cfg.get("_class_name", FAMILIES[name].scheduler_class))
-    loaded = {}
     models = {c: _empty_model(c, preset) for c in COMPONENTS if not (skip_vae and c == "vae")}
-    sources = {}
-    for c, model in models.items():  # verify everything before filling anything
+    sources: dict[str, Source] = {}
+    rules: dict[str, list[Rule]] = {}
+    for c, model in models.items():  # verify every component before filling any
         sub, stem = FOLDER_WEIGHTS[c]
         sources[c] = folder_weights(folder / sub, stem, variant, allow_pickle)
-        rules = folder_rules(c, _expected(model), sources[c])
-        verify(rules, sources[c], {c: _expected(model)}, what=f"diffusers {c}")
-        loaded[c] = rules
-    filled = {c: _fill(m, loaded[c], sources[c], c, dtype, device) for c, m in models.items()}
+        rules[c] = folder_rules(c, _expected(model), sources[c])
+        verify(rules[c], sources[c], {c: _expected(model)}, what=f"diffusers {c}")
+    filled = {c: _fill(m, rules[c], sources[c], c, dtype, device) for c, m in models.items()}
     return Components(filled["unet"], filled.get("vae"), filled["text_encoder"],
                       CLIPTokenizer.from_dir(folder / "tokenizer"), _scheduler(sched_cfg), preset, folder)
 
