@@ -6,6 +6,9 @@ modules with trained-like weights, the real SD 1.5 tokenizer, DDIM) at 16x16 pix
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -213,7 +216,7 @@ def pipe(tok: CLIPTokenizer) -> StableDiffusionPipeline:
     return tiny_pipeline(tok)
 
 
-def generate(pipe: StableDiffusionPipeline, prompt: str | list[str], **kwargs) -> object:
+def generate(pipe: StableDiffusionPipeline, prompt: str | list[str], **kwargs: Any) -> Any:
     kwargs = {"height": SIZE, "width": SIZE, "num_inference_steps": 3, "seed": 0, **kwargs}
     return pipe(prompt, **kwargs)
 
@@ -248,7 +251,7 @@ def test_capture_without_guidance(pipe: StableDiffusionPipeline) -> None:
     assert {m[0].shape[0] for m in store.maps.values()} == {2}  # both prompts, no unconditional half
 
 
-def test_heatmap_files_per_word(pipe: StableDiffusionPipeline, tmp_path) -> None:
+def test_heatmap_files_per_word(pipe: StableDiffusionPipeline, tmp_path: Path) -> None:
     store = AttentionStore(keep=False)
     with use_processor(pipe.unet, store):
         out = generate(pipe, PROMPT, num_images_per_prompt=2)
