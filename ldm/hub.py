@@ -25,8 +25,9 @@ def needed_patterns(variant: str | None = None) -> list[str]:
     mid = f".{variant}" if variant else ""
     patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
     for sub, stem in WEIGHT_FILES:
-        patterns += [f"{sub}/config.json", f"{sub}/{stem}{mid}.safetensors", f"{sub}/{stem}.safetensors.index{mid}.json",
-                     f"{sub}/{stem}{mid}.safetensors.index.json", f"{sub}/{stem}-*-of-*{mid}.safetensors"]
+        patterns += [f"{sub}/config.json", f"{sub}/{stem}{mid}.safetensors",
+                     f"{sub}/{stem}.safetensors.index{mid}.json", f"{sub}/{stem}{mid}.safetensors.index.json",
+                     f"{sub}/{stem}-*-of-*{mid}.safetensors"]
     return patterns
 
 
@@ -64,7 +65,8 @@ def resolve(path_or_id: str | os.PathLike, *, variant: str | None = None, cache_
         if len(parts) > 2:  # a single file inside a repo
             filename = "/".join(parts[2:])
             if not filename.endswith(SINGLE_FILE_SUFFIXES):
-                raise FileNotFoundError(f"{text}: a hub path must name a weights file ({', '.join(SINGLE_FILE_SUFFIXES)})")
+                raise FileNotFoundError(f"{text}: a hub path must name a weights file "
+                                        f"({', '.join(SINGLE_FILE_SUFFIXES)})")
             return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir, revision=revision,
                                                         local_files_only=offline))
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=needed_patterns(variant),

@@ -8,7 +8,6 @@ must agree within 1e-5 relative (the components' fp32 contract; identical weight
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from dataclasses import replace
@@ -70,7 +69,8 @@ def test_sd2_file_splits_qkv_and_drops_last_layer(tiny_files: dict[str, Path]) -
     fused = _file_tensor(f, "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight")
     text = parts.text_encoder.state_dict()
     for i, name in enumerate("qkv"):
-        assert torch.equal(text[f"text_model.encoder.layers.1.self_attn.{name}_proj.weight"], fused[32 * i:32 * (i + 1)])
+        q_k_or_v = text[f"text_model.encoder.layers.1.self_attn.{name}_proj.weight"]
+        assert torch.equal(q_k_or_v, fused[32 * i:32 * (i + 1)])
     assert "cond_stage_model.model.transformer.resblocks.2.ln_1.weight" in SafetensorsFile(f)  # dropped, not loaded
     assert len(parts.text_encoder.text_model.encoder.layers) == 2
     assert parts.tokenizer.pad_id == 0
@@ -295,10 +295,12 @@ def test_hub_fetches_only_the_needed_files() -> None:
     from ldm.hub import needed_patterns
 
     listing = ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "README.md",
-               "safety_checker/config.json", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+               "safety_checker/config.json", "safety_checker/model.safetensors",
+               "feature_extractor/preprocessor_config.json",
                "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
                "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"]
-    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                      ("text_encoder", "model")):
         listing += [f"{sub}/config.json", f"{sub}/{stem}.safetensors", f"{sub}/{stem}.bin",
                     f"{sub}/{stem}.fp16.safetensors", f"{sub}/{stem}.fp16.bin", f"{sub}/{stem}.non_ema.safetensors"]
     plain = set(filter_repo_objects(listing, allow_patterns=needed_patterns()))

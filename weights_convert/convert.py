@@ -110,7 +110,8 @@ def verify(rules: list[Rule], source: Source, expected: dict[str, dict[str, tupl
                                   f"{_listed(lacking)}")
 
 
-def tensors(rules: list[Rule], source: Source, component: str, dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
+def tensors(rules: list[Rule], source: Source, component: str,
+            dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
     """Yield (target key, tensor) for one component, cast to `dtype` (None: keep the file's dtype)."""
     present = set(source.keys())
     for rule in rules:

@@ -210,7 +210,8 @@ def write_streaming(path: str | os.PathLike, entries: list[tuple[str, torch.dtyp
     return path
 
 
-def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+              metadata: dict[str, str] | None = None) -> Path:
     """Write a dict of tensors (sorted by name, as safetensors' own writer does)."""
     names = sorted(tensors)
     entries = [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in names]
