@@ -322,3 +322,13 @@ def test_load_pipeline_runs(tiny_files: dict[str, Path]) -> None:
     assert isinstance(pipe, ldm.StableDiffusionPipeline) and pipe.family.name == "sd15"
     out = pipe("a dog wearing a hat", height=16, width=16, num_inference_steps=2, seed=0, output_type="latent")
     assert out.latents.shape == (1, 4, 8, 8) and torch.isfinite(out.latents).all()
+
+
+def test_legacy_clip_prefix(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+    """Community SD 1 files written with old transformers: `cond_stage_model.transformer.*`, no `text_model.`."""
+    src = SafetensorsFile(tiny_files["sd1"])
+    new, old = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+    legacy = save_file({k.replace(new, old): src.tensor(k).clone() for k in src.keys()}, tmp_path / "old.safetensors")
+    a = load_components(tiny_files["sd1"], family=TINY_SD1).text_encoder.state_dict()
+    b = load_components(legacy, family=TINY_SD1).text_encoder.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
