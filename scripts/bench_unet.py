@@ -101,7 +101,8 @@ def measure_peak(cfg: UNetConfig, which: str, batch: int, size: int, dtype: torc
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     forward(model, args, is_ref)
     peak = _proc_kib("VmHWM")
-    print(json.dumps({"which": which, "rss_before_mib": before / 1024, "forward_peak_extra_mib": (peak - before) / 1024}))
+    print(json.dumps({"which": which, "rss_before_mib": before / 1024,
+                      "forward_peak_extra_mib": (peak - before) / 1024}))
 
 
 def main() -> None:
