@@ -118,3 +118,18 @@ def test_unet_index_arithmetic_sd15() -> None:
     assert blocks["output_blocks.2.1.conv."] == "up_blocks.0.upsamplers.0.conv."  # no attention on the top level
     assert blocks["output_blocks.5.2.conv."] == "up_blocks.1.upsamplers.0.conv."
     assert blocks["output_blocks.11.1."] == "up_blocks.3.attentions.2."
+
+
+@pytest.mark.parametrize("name, shape", [("copy", (3, 5)), ("conv1x1_to_linear", (8, 4, 1, 1)),
+                                         ("split_qkv", (12, 4)), ("split_qkv", (12,))])
+def test_transforms_shapes_and_inverse(name: str, shape: tuple[int, ...]) -> None:
+    from weights_convert.transforms import TRANSFORMS, target_shapes
+
+    x = torch.randn(shape)
+    outs = TRANSFORMS[name].forward(x)
+    assert len(outs) == TRANSFORMS[name].arity
+    assert tuple(tuple(o.shape) for o in outs) == target_shapes(name, shape)
+    assert torch.equal(TRANSFORMS[name].inverse(outs), x)
+    assert all(o.data_ptr() >= x.data_ptr() and o.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+               for o in outs), "transforms are views: no copy"
+    assert target_shapes("conv1x1_to_linear", (8, 4, 3, 3)) is None and target_shapes("split_qkv", (10, 4)) is None
