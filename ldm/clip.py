@@ -196,7 +196,9 @@ class CLIPTextModel(nn.Module):
         if S == 0 or S > limit:
             raise ValueError(f"CLIPTextModel: input_ids has {S} tokens per row, expected 1 to "
                              f"max_position_embeddings = {limit}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
+        # meta tensors (shape-only runs, `ldm inspect`) have no values to check
+        if input_ids.numel() and input_ids.device.type != "meta" and (
+                input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= self.cfg.vocab_size)][0].item()
             raise ValueError(f"CLIPTextModel: token id {bad} is out of range [0, vocab_size = {self.cfg.vocab_size})")
 
