@@ -2,7 +2,8 @@
 
 Speed: both models share the very same weight tensors (ours is built on the meta device and loaded from the
 reference's state dict with assign=True); runs are interleaved, alternating which model goes first, after one
-warm-up each; the median of each is reported and their ratio ours / diffusers (target <= 1.0).
+warm-up each; the median of each is reported and their ratio ours / diffusers (target <= 1.0), and the median of
+the per-run ratios, which a load change on a shared machine between runs does not skew.
 
 Peak memory: each model runs in a fresh subprocess holding only that model. After building it the process resets
 its resident-set high-water mark (Linux /proc/self/clear_refs, "5"), runs one forward, and reports
@@ -143,6 +144,9 @@ def main() -> None:
     print(f"relative error vs diffusers: {err:.2e}")
     print(f"median of {a.runs}: ours {m_ours:.3f} s, diffusers {m_ref:.3f} s, ratio ours/diffusers "
           f"{m_ours / m_ref:.3f}")
+    # On a shared machine the load drifts between runs; the ratio within each adjacent pair is robust to that.
+    paired = statistics.median(o / r for o, r in zip(t_ours, t_ref))
+    print(f"median of the {a.runs} per-run ratios ours/diffusers (robust to load drift): {paired:.3f}")
     del ours, ref, out, expected
     gc.collect()
     if a.no_memory:
