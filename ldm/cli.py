@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model family, where the checkpoint's keys cannot tell (SD 2.x single files)")
     g.add_argument("--vae", default=None, help="a VAE checkpoint to use instead of the model's own")
     g.add_argument("--clip-skip", type=int, default=None, help="use the n-th-from-last CLIP layer (1: the last)")
+    g.add_argument("--no-weighting", dest="weighting", action="store_false",
+                   help="read brackets in the prompt literally (default: A1111 emphasis, e.g. (word:1.3))")
     g.add_argument("--init-image", default=None, help="img2img / inpainting: the starting picture")
     g.add_argument("--strength", type=float, default=None,
                    help="how much of the init image to repaint, in (0, 1] (default 0.8; 1.0 for inpainting)")
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt files (runs code!)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.set_defaults(run=generate)
+
+    from ldm import inspect  # the layer tables of `ldm inspect MODEL` live with their code in ldm/inspect.py
+
+    i = commands.add_parser("inspect", help="layer tables of a model (a family preset needs no weights)",
+                            description="Layer tables (name, input and output shapes, parameters) of each part.")
+    inspect.add_arguments(i)
+    i.set_defaults(run=inspect.run)
     return parser
 
 
@@ -108,7 +117,8 @@ def generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, seed=seed, num_images_per_prompt=args.num_images,
-                  scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, output_type="pil")
+                  scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, weighting=args.weighting,
+                  output_type="pil")
     try:
         result, size = _run(pipe, args, common)
     except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from ldm import schedulers
 from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
+from ldm.research.weighting import encode_prompt as encode_weighted
+from ldm.research.weighting import encode_prompt_pair
 
 Generator = Union[torch.Generator, list[torch.Generator], None]
 Callback = Callable[[int, Tensor, Tensor], Union[bool, None]]
@@ -113,8 +115,10 @@ class StableDiffusionPipeline:
         seed=S gives image i the generator manual_seed(S + i) (diffusers' list-of-generators convention);
         `generator` is used as diffusers uses it. `scheduler`: an object, or a name from `ldm.schedulers` built
         from this model's scheduler config. clip_skip=n takes the n-th-from-last CLIP layer (1 = the last),
-        through the final layer norm, as the A1111 web UI does. callback(i, t, latents) runs after each step;
-        returning False stops and decodes the current latents.
+        through the final layer norm, as the A1111 web UI does. weighting: read A1111's emphasis syntax
+        `(word:1.3)` (a plain prompt encodes exactly as plain tokenization; prompts longer than 75 tokens are
+        encoded in chunks either way). callback(i, t, latents) runs after each step; returning False stops and
+        decodes the current latents.
         """
         if self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(f"this is an inpainting model (the UNet takes {self.unet.config.in_channels} channels): "
@@ -239,24 +243,15 @@ class StableDiffusionPipeline:
     # ------------------------------------------------------------------------------------------------------------
     # Prompt encoding
 
-    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> Tensor:
-        """Prompts -> text context (len(prompts), S, D), in the text encoder's dtype.
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None, weighting: bool = True) -> Tensor:
+        """Prompts -> text context (len(prompts), 77*k, D): k chunks of 77 for long prompts, A1111 emphasis
+        `(word:1.3)` when `weighting` (see ldm/research/weighting.py). A plain prompt of at most 75 tokens gives
+        exactly the plain encoding, (B, 77, D).
 
         clip_skip=n: the n-th-from-last layer's hidden states through the final layer norm (n=1 is the usual
         output). diffusers' clip_skip=k is ours k + 1.
         """
-        ids = self.tokenizer(prompts).to(self.text_encoder_device)  # (B, S)
-        out = self.text_encoder(ids)
-        if clip_skip is None or clip_skip == 1:
-            return out.last_hidden_state  # (B, S, D)
-        layers = len(out.hidden_states) - 1
-        if clip_skip > layers:
-            raise ValueError(f"clip_skip must be at most {layers} (the text encoder's layer count), got {clip_skip}")
-        return self.text_encoder.final_layer_norm(out.hidden_states[-clip_skip])  # (B, S, D)
-
-    @property
-    def text_encoder_device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
+        return encode_weighted(self.tokenizer, self.text_encoder, prompts, clip_skip, weighting)
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared preparation
@@ -293,13 +288,17 @@ class StableDiffusionPipeline:
         sched.set_timesteps(steps)
         step_kwargs = _step_kwargs(sched, generator, eta)
 
-        # diffusers encodes the prompts, then the negatives, and repeats each row num_images_per_prompt times
-        context = self.encode_prompt(prompts, clip_skip).repeat_interleave(n_per_prompt, dim=0)  # (B, S, D)
+        # As diffusers: the prompts, then the negatives (padded to as many 77-token chunks as the prompts, or the
+        # prompts to theirs), each row repeated num_images_per_prompt times.
         guided = guidance_scale > 1
         if guided:
-            uncond = self.encode_prompt(negatives, clip_skip).repeat_interleave(n_per_prompt, dim=0)  # (B, S, D)
-            context = torch.cat([uncond, context])  # (2B, S, D)
-        context = context.to(self.device, self.dtype)
+            cond, uncond = encode_prompt_pair(self.tokenizer, self.text_encoder, prompts, negatives, clip_skip,
+                                              weighting)
+            context = torch.cat([uncond.repeat_interleave(n_per_prompt, dim=0),
+                                 cond.repeat_interleave(n_per_prompt, dim=0)])  # (2B, S, D)
+        else:
+            context = self.encode_prompt(prompts, clip_skip, weighting).repeat_interleave(n_per_prompt, dim=0)
+        context = context.to(self.device, self.dtype)  # (2B or B, S, D)
         return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback)
 
     def _scheduler(self, scheduler: Any) -> Any:

@@ -29,7 +29,8 @@ PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
 NEGATIVES = ["blurry", "low quality, jpeg artefacts"]
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32)
 VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32,
            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE)
@@ -148,7 +149,7 @@ def test_txt2img_matches_diffusers(tiny, scheduler, eta):
     assert_images_close(out.images, ref_images)
 
 
-@pytest.mark.parametrize("scheduler", ["euler-a", "dpm++2m-karras"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler-a", "dpm++2m-karras"])
 def test_scheduler_by_name_and_no_guidance_match_diffusers(tiny, scheduler):
     """A scheduler given by name is that class from the model's config (diffusers' from_config swap); guidance
     1.0 runs the conditional batch only, as diffusers; Euler ancestral draws step noise from the generators."""
@@ -269,6 +270,19 @@ def test_callback_sees_every_step_and_can_stop(tiny):
     assert torch.equal(out.latents, seen[-1][2])
     full = ours(PROMPTS[0], seed=0, num_inference_steps=5, output_type="latent")
     assert full.steps_run == 5 and not torch.equal(full.latents, out.latents)
+
+
+def test_prompt_emphasis_and_long_prompts(tiny):
+    """weighting=True reads A1111's emphasis; weight 1.0 is the plain prompt; long prompts run in 77-token chunks."""
+    _, ours = pipelines(tiny, "ddim")
+    kw = dict(seed=3, num_inference_steps=1, output_type="latent")
+    plain = ours("a red cat", **kw).latents
+    assert torch.equal(ours("a (red:1.0) cat", **kw).latents, plain)
+    assert rel_err(ours("a (red:1.6) cat", **kw).latents, plain) > 1e-4
+    assert not torch.equal(ours("a (red:1.0) cat", weighting=False, **kw).latents, plain), "brackets as text"
+    long = ", ".join(["a red cat on a blue sofa"] * 12)  # 95 tokens: two chunks, the negative padded to two
+    assert ours.encode_prompt([long]).shape == (1, 154, 32)
+    assert torch.isfinite(ours(long, negative_prompt="blurry", **kw).latents).all()
 
 
 def test_output_types(tiny):
@@ -410,3 +424,79 @@ def test_cuda_fp16_matches_diffusers_fp16(tiny):
     out = ours(PROMPTS[0], seed=1, num_images_per_prompt=2, output_type="np", **kw)
     mse = float(np.mean((out.images - ref_images) ** 2))
     assert 10 * math.log10(1 / max(mse, 1e-12)) >= 35
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full SD 1.5 shapes: synthetic checkpoints, loaded by diffusers' from_single_file and by ldm.load_pipeline
+
+
+def full_shape_pipelines(tmp_path_factory, manifest: str, kind: str):
+    """(diffusers pipeline, ours) from one synthetic full-shape checkpoint (4.3 GB in a temporary folder)."""
+    import diffusers
+
+    from tests.helpers import DIFFUSERS_CONFIGS
+    from tests.synth import write_synthetic_checkpoint
+
+    path = write_synthetic_checkpoint(manifest, tmp_path_factory.mktemp(manifest) / f"{manifest}.safetensors")
+    config = DIFFUSERS_CONFIGS / ("sd15-inpaint" if "inpaint" in manifest else "sd15")
+    cls = diffusers.StableDiffusionInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionPipeline
+    ref = cls.from_single_file(str(path), config=str(config), local_files_only=True, safety_checker=None,
+                               feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ours = ldm.load_pipeline(path)
+    return path, ref, ours
+
+
+@pytest.fixture(scope="module")
+def sd15_full(tmp_path_factory):
+    path, ref, ours = full_shape_pipelines(tmp_path_factory, "sd15", "txt2img")
+    yield ref, ours
+    path.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["ddim", "lms"])
+def test_full_shape_sd15_txt2img_matches_diffusers(sd15_full, scheduler):
+    """The whole SD 1.5 architecture (859M UNet, 123M CLIP, 84M VAE) at 64x64 px, 3 steps, guidance 7.5."""
+    ref, ours = sd15_full
+    assert ours.family.name == "sd15"
+    ref.scheduler = ref_scheduler(scheduler, dict(ref.scheduler.config))
+    kw = dict(negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5)
+    ref_images, ref_latents = run_ref(ref, PROMPTS[0], seed=7, n_images=1, height=SIZE, width=SIZE, **kw)
+    out = ours(PROMPTS[0], seed=7, height=SIZE, width=SIZE, scheduler=scheduler, output_type="np", **kw)
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+@pytest.mark.slow
+def test_full_shape_sd15_img2img_matches_diffusers(sd15_full):
+    import diffusers
+
+    ref, ours = sd15_full
+    ref = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    ref.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt="blurry", num_inference_steps=4, strength=0.75, guidance_scale=7.5)
+    ref_images, ref_latents = run_ref(ref, PROMPTS[1], image=picture(7), seed=8, n_images=1, **kw)
+    out = ours.img2img(PROMPTS[1], picture(7), seed=8, scheduler="ddim", output_type="np", **kw)
+    assert out.steps_run == 3
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+@pytest.mark.slow
+def test_full_shape_sd15_inpainting_checkpoint_matches_diffusers(tmp_path_factory):
+    """The 9-channel SD 1.5 inpainting layout, detected from the file's keys."""
+    path, ref, ours = full_shape_pipelines(tmp_path_factory, "sd15_inpaint", "inpaint")
+    try:
+        assert ours.family.name == "sd15-inpaint" and ours.unet.config.in_channels == 9
+        ref.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
+        kw = dict(negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5)
+        ref_images, ref_latents = run_ref(ref, PROMPTS[0], image=picture(8), mask_image=disc_mask(), seed=9,
+                                          n_images=1, height=SIZE, width=SIZE, **kw)
+        out = ours.inpaint(PROMPTS[0], picture(8), disc_mask(), seed=9, scheduler="ddim", output_type="np", **kw)
+        assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+        assert_images_close(out.images, ref_images)
+    finally:
+        del ref, ours
+        path.unlink()
