@@ -169,6 +169,9 @@ class Scheduler:
         # uses its own defaults for them (e.g. Euler from SD 1.5's PNDM config gets "linspace", not "leading").
         given = set(config) - set(config.get("_use_default_values", ()))
         self._defaulted = sorted(k for k in self._DEFAULTS if k not in given)
+        # Keys of other classes are kept in .config, as diffusers keeps them: DDIM built from SD 1.5's PNDM config
+        # must still see clip_sample=False (its own default is True).
+        self._foreign = {k: v for k, v in config.items() if k in given and not k.startswith("_") and k not in self._cfg}
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -212,7 +215,8 @@ class Scheduler:
     @property
     def config(self) -> dict[str, Any]:
         """A fresh diffusers-style config dict, `_class_name` included, so any class's from_config accepts it."""
-        return {"_class_name": type(self).__name__, **self._cfg, "_use_default_values": list(self._defaulted)}
+        return {"_class_name": type(self).__name__, **self._foreign, **self._cfg,
+                "_use_default_values": list(self._defaulted)}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._cfg})"
