@@ -1,0 +1,495 @@
+"""Train a latent diffusion model from scratch: the VAE first, then the text-conditioned UNet with a small CLIP.
+
+Paper: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv:2112.10752):
+stage 1 (section 3.1) an autoencoder with a light KL penalty; stage 2 (section 3.3, eq. 2) the denoising objective
+on its latents, E ||eps - eps_theta(z_t, t, tau(y))||^2, with the DDPM forward process (Ho et al. 2020, eq. 4).
+Classifier-free guidance needs the unconditional model too: captions are dropped to "" at random (Ho & Salimans
+2022, "Classifier-Free Diffusion Guidance"). Reference training loops: diffusers `examples/text_to_image/
+train_text_to_image.py` (noise, add_noise, MSE, EMA) and CompVis `ldm/models/autoencoder.py` (AutoencoderKL loss).
+
+    Trainer(TrainConfig(out_dir=...)).run()          # both stages, resumable: Trainer(cfg, resume=path)
+      stage "vae":  x -> encode -> sample z -> decode -> L1 + edge_weight * Sobel-L1 + kl_weight * KL
+      stage "unet": z0 = vae.encode(x).sample() * scaling_factor; t ~ U{0..999}; eps ~ N(0, I)
+                    z_t = scheduler.add_noise(z0, eps, t); loss = ||unet(z_t, t, text(ids)) - eps||^2
+
+Everything random comes from one torch.Generator whose state is checkpointed, and the data of step k depends only
+on k, so a resumed run equals an uninterrupted one bit for bit (on the same machine and thread count).
+
+Shapes: B batch, H, W image size, h, w latent size (H/f), C latent channels, S text tokens (77), D text width.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.clip import CLIPTextModel
+from ldm.config import SD15, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
+from ldm.schedulers import DDIMScheduler
+from ldm.tokenizer import CLIPTokenizer
+from ldm.train.checkpoint import load_state, prefixed, save_state, unprefixed
+from ldm.train.shapes import ShapesDataset
+from ldm.unet import UNet2DConditionModel
+from ldm.vae import AutoencoderKL
+
+CHECKPOINT = "checkpoint.safetensors"
+UNET_DATA_OFFSET = 10_000_000  # the UNet stage reads dataset samples from here on: unseen by the VAE stage
+# The noise schedule of every SD 1.x / 2.x model (DESIGN.md), with DDIM as the sampler the model ships with.
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1, "set_alpha_to_one": False,
+             "clip_sample": False, "prediction_type": "epsilon"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The model sizes of the shipped default (docs/training.md explains the budget)
+
+DEFAULT_VAE = VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                        mid_block_add_attention=False, sample_size=64, scaling_factor=1.0)  # f = 4: 64 px -> 16
+DEFAULT_UNET = UNetConfig(block_out_channels=(32, 64, 128), cross_attention_levels=(False, True, True),
+                          num_heads=(1, 2, 4), layers_per_block=1, cross_attention_dim=64, norm_num_groups=8,
+                          sample_size=16)
+# CLIP's 49,408-token embedding dominates the size: width 64 keeps it at 3.2 M parameters (6.3 MB in fp16).
+DEFAULT_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                              projection_dim=64, hidden_act="quick_gelu")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str  # checkpoint.safetensors, loss_curve.png, samples/, model/ (the exported diffusers folder)
+    seed: int = 0
+    image_size: int = 64
+    vae_steps: int = 1200
+    unet_steps: int = 3000
+    vae_batch_size: int = 16
+    batch_size: int = 32
+    vae_crop: int = 32  # the VAE is fully convolutional: it trains on random crops (4x cheaper at 64 -> 32)
+    vae_lr: float = 1e-3
+    lr: float = 5e-4
+    warmup_steps: int = 100  # linear warm-up at the start of each stage, then a cosine decay to 10%
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    kl_weight: float = 1e-4  # on the KL per latent element (a light penalty, as LDM's "KL-reg")
+    edge_weight: float = 0.5  # on the L1 distance of Sobel gradients: crisp shape edges without a perceptual net
+    caption_dropout: float = 0.1  # the probability of training on the empty caption (for guidance)
+    two_objects: float = 0.4  # the share of two-object scenes in the data
+    ema_decay: float = 0.999
+    checkpoint_every: int = 100
+    sample_every: int = 500  # sample grids during the UNet stage (0: only at the end)
+    vae: VAEConfig = DEFAULT_VAE
+    unet: UNetConfig = DEFAULT_UNET
+    text: CLIPTextConfig = DEFAULT_TEXT
+    sample_prompts: tuple[str, ...] = ("a red circle", "a green triangle", "a blue square", "a yellow circle",
+                                       "a purple triangle", "a cyan square", "a red square above a blue circle",
+                                       "")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise TypeError(f"out_dir must be a non-empty str, got {self.out_dir!r}")
+        for name in ("seed", "vae_steps", "unet_steps", "warmup_steps", "checkpoint_every", "sample_every"):
+            _check_int(name, getattr(self, name), 0)
+        for name in ("image_size", "vae_batch_size", "batch_size", "vae_crop"):
+            _check_int(name, getattr(self, name), 1)
+        if self.vae_steps + self.unet_steps == 0:
+            raise ValueError("vae_steps + unet_steps must be positive: there is nothing to train")
+        for name in ("vae_lr", "lr", "ema_decay", "grad_clip"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("caption_dropout", "two_objects", "ema_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        f = self.vae.downsample_factor
+        if self.image_size % f or self.vae_crop % f or self.vae_crop > self.image_size:
+            raise ValueError(f"image_size {self.image_size} and vae_crop {self.vae_crop} must be multiples of the "
+                             f"VAE's downsample factor {f}, with vae_crop <= image_size")
+        if self.unet.in_channels != self.vae.latent_channels or self.unet.out_channels != self.vae.latent_channels:
+            raise ValueError(f"unet in/out_channels ({self.unet.in_channels}/{self.unet.out_channels}) must equal "
+                             f"the VAE's latent_channels {self.vae.latent_channels}")
+        if self.unet.cross_attention_dim != self.text.hidden_size:
+            raise ValueError(f"unet.cross_attention_dim {self.unet.cross_attention_dim} must equal the text "
+                             f"encoder's hidden_size {self.text.hidden_size}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.vae_steps + self.unet_steps
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["vae"], d["unet"], d["text"] = VAEConfig(**d["vae"]), UNetConfig(**d["unet"]), CLIPTextConfig(**d["text"])
+        d["sample_prompts"] = tuple(d["sample_prompts"])
+        return cls(**d)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+class EMA:
+    """Exponential moving averages of a module's parameters: shadow = d * shadow + (1 - d) * param.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so early averages are not dominated by
+    the random initialisation (diffusers' EMAModel with use_ema_warmup=False does the same).
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: p.detach().clone() for k, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, p in module.named_parameters():
+            self.shadow[k].mul_(d).add_(p.detach(), alpha=1 - d)
+        self.updates += 1
+
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        """A copy of `module` holding the averaged weights (the module itself is left as it is)."""
+        averaged = copy.deepcopy(module)
+        averaged.load_state_dict({**averaged.state_dict(), **self.shadow}, strict=True)
+        return averaged.eval()
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine decay from `base` to base / 10 at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def sobel(x: Tensor) -> Tensor:
+    """Horizontal and vertical Sobel gradients per channel: (B, C, H, W) -> (B, 2C, H-2, W-2)."""
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=x.dtype, device=x.device)
+    kernels = torch.stack([kx, kx.T]).unsqueeze(1).repeat(x.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
+    return F.conv2d(x.repeat_interleave(2, dim=1), kernels, groups=2 * x.shape[1])
+
+
+def random_crops(x: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """One random size x size crop per image: (B, C, H, W) -> (B, C, size, size)."""
+    if size == x.shape[-1] and size == x.shape[-2]:
+        return x
+    top = torch.randint(0, x.shape[-2] - size + 1, (x.shape[0],), generator=generator).tolist()
+    left = torch.randint(0, x.shape[-1] - size + 1, (x.shape[0],), generator=generator).tolist()
+    return torch.stack([img[:, t:t + size, l:l + size] for img, t, l in zip(x, top, left)])
+
+
+def family_preset(cfg: TrainConfig, scaling_factor: float) -> FamilyPreset:
+    """An SD 1.x-style family for the trained parts (quick_gelu CLIP, epsilon, DDIM, native size image_size)."""
+    return replace(SD15, unet=cfg.unet, vae=replace(cfg.vae, scaling_factor=scaling_factor), text=cfg.text,
+                   scheduler_class="DDIMScheduler", native_size=cfg.image_size, _scheduler_extra=())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+StepCallback = Callable[[int, float], Any]  # (global step just done, its loss); may raise KeyboardInterrupt
+
+
+@dataclass
+class History:
+    """Per-step losses of each stage, kept in the checkpoint (the loss curve is drawn from them)."""
+
+    vae: list[float] = field(default_factory=list)
+    unet: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # training time so far, over every session of the run
+
+
+class Trainer:
+    """Both stages of a run, one step at a time, checkpointing every `checkpoint_every` steps (and at the end)."""
+
+    def __init__(self, cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
+                 callback: StepCallback | None = None, progress: bool = True) -> None:
+        if cfg is None and resume is None:
+            raise ValueError("Trainer: give a TrainConfig, or resume=<checkpoint> to continue a run")
+        if cfg is not None and not isinstance(cfg, TrainConfig):
+            raise TypeError(f"Trainer: cfg must be a TrainConfig, got {type(cfg).__name__}")
+        state, meta = load_state(resume) if resume is not None else ({}, {})
+        if resume is not None:
+            saved = TrainConfig.from_json(meta["config"])
+            if cfg is not None and replace(cfg, out_dir=saved.out_dir) != saved:
+                diff = [f.name for f in dataclasses.fields(cfg)
+                        if f.name != "out_dir" and getattr(cfg, f.name) != getattr(saved, f.name)]
+                raise ValueError(f"resume: the checkpoint {str(resume)!r} was written with another config "
+                                 f"(differs in: {', '.join(diff)}); resume with the same settings")
+            cfg = cfg or saved
+        self.cfg = cfg
+        self.out = _prepare_out_dir(cfg.out_dir)
+        self.callback, self.progress = callback, progress
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]):  # the initial weights come from the seed, not the global RNG
+            torch.manual_seed(cfg.seed)
+            self.vae = AutoencoderKL(cfg.vae)
+            self.unet = UNet2DConditionModel(cfg.unet)
+            self.text_encoder = CLIPTextModel(cfg.text)
+        self.tokenizer = CLIPTokenizer.packaged(SD15.pad_token)
+        self.scheduler = DDIMScheduler.from_config(SCHEDULER)
+        self.data = ShapesDataset(cfg.image_size, cfg.seed, "train", cfg.two_objects)
+        self.step = 0
+        self.scaling_factor: float | None = None
+        self.history = History()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: dict[str, EMA] = {}
+        self._stage_built: str | None = None
+        if resume is not None:
+            self._restore(state, meta, Path(resume))
+
+    # -- the stages --------------------------------------------------------------------------------------------
+
+    @property
+    def stage(self) -> str:
+        return "vae" if self.step < self.cfg.vae_steps else "unet"
+
+    def _trained(self, stage: str) -> dict[str, nn.Module]:
+        return {"vae": self.vae} if stage == "vae" else {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def _build_stage(self) -> None:
+        """The optimizer and EMA of the current stage; at the switch to the UNet, freeze the VAE (its EMA weights)
+        and measure the latent scale."""
+        stage = self.stage
+        if self._stage_built == stage:
+            return
+        if stage == "unet":
+            if "vae" in self.ema:  # the VAE stage just ended (or was restored from its last checkpoint)
+                self.vae.load_state_dict({**self.vae.state_dict(), **self.ema.pop("vae").shadow}, strict=True)
+            self.vae.requires_grad_(False).eval()
+            if self.scaling_factor is None:
+                self.scaling_factor = self._measure_scaling_factor()
+        params = [p for m in self._trained(stage).values() for p in m.parameters()]
+        base = self.cfg.vae_lr if stage == "vae" else self.cfg.lr
+        self.optimizer = torch.optim.AdamW(params, lr=base, betas=(0.9, 0.999), weight_decay=self.cfg.weight_decay)
+        self.ema = {name: EMA(m, self.cfg.ema_decay) for name, m in self._trained(stage).items()}
+        for m in self._trained(stage).values():
+            m.train()
+        self._stage_built = stage
+
+    @torch.no_grad()
+    def _measure_scaling_factor(self, n: int = 256) -> float:
+        """1 / std of the VAE's latent means over n training images (SD's 0.18215 was found the same way)."""
+        x, _ = self.data.batch(0, n)  # (n, 3, H, W)
+        z = self.vae.encode(x).mode()  # (n, C, h, w)
+        return float(1.0 / z.float().std())
+
+    def _vae_step(self, k: int) -> Tensor:
+        """Stage 1 loss at stage step k: reconstruction (L1), edges (Sobel L1) and the KL to N(0, I)."""
+        cfg = self.cfg
+        x, _ = self.data.batch(k * cfg.vae_batch_size, cfg.vae_batch_size)  # (B, 3, H, W)
+        x = random_crops(x, cfg.vae_crop, self.generator)  # (B, 3, crop, crop)
+        posterior = self.vae.encode(x)
+        z = posterior.sample(self.generator)  # (B, C, crop/f, crop/f)
+        recon = self.vae.decode(z)  # (B, 3, crop, crop)
+        kl = posterior.kl().mean() / z[0].numel()  # per latent element
+        return ((recon - x).abs().mean() + cfg.edge_weight * (sobel(recon) - sobel(x)).abs().mean()
+                + cfg.kl_weight * kl)
+
+    def _unet_step(self, k: int) -> Tensor:
+        """Stage 2 loss at stage step k: the epsilon-prediction MSE on noised latents, captions dropped at random."""
+        cfg = self.cfg
+        x, captions = self.data.batch(UNET_DATA_OFFSET + k * cfg.batch_size, cfg.batch_size)
+        with torch.no_grad():
+            z0 = self.vae.encode(x).sample(self.generator) * self.scaling_factor  # (B, C, h, w)
+        drop = (torch.rand(len(captions), generator=self.generator) < cfg.caption_dropout).tolist()
+        ids = self.tokenizer(["" if d else c for c, d in zip(captions, drop)])  # (B, S)
+        t = torch.randint(0, len(self.scheduler), (len(captions),), generator=self.generator)  # (B,)
+        noise = torch.randn(z0.shape, generator=self.generator)
+        zt = self.scheduler.add_noise(z0, noise, t)  # (B, C, h, w)
+        context = self.text_encoder(ids).last_hidden_state  # (B, S, D)
+        return F.mse_loss(self.unet(zt, t, context), noise)
+
+    def _train_step(self) -> float:
+        self._build_stage()
+        cfg, stage = self.cfg, self.stage
+        k = self.step if stage == "vae" else self.step - cfg.vae_steps
+        total, base = (cfg.vae_steps, cfg.vae_lr) if stage == "vae" else (cfg.unet_steps, cfg.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(k, total, base, cfg.warmup_steps)
+        loss = self._vae_step(k) if stage == "vae" else self._unet_step(k)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: the {stage} loss is {loss.item()} (lower the learning rate)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        modules = self._trained(stage)
+        torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], cfg.grad_clip)
+        self.optimizer.step()
+        for name, m in modules.items():
+            self.ema[name].update(m)
+        getattr(self.history, stage).append(loss.item())
+        return loss.item()
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def run(self, until: int | None = None, finish: bool = True) -> Path | None:
+        """Train up to global step `until` (default: the end; then, with `finish`, sample, draw the loss curve and
+        export the model).
+
+        Returns the exported model folder when the run ended and finished, else None. A KeyboardInterrupt (Ctrl-C, or one
+        raised by the callback) stops the loop; the last complete checkpoint stays on disk untouched.
+        """
+        from tqdm import tqdm
+
+        end = self.cfg.total_steps if until is None else until
+        _check_int("until", end, 0)
+        end = min(end, self.cfg.total_steps)
+        bar = tqdm(total=self.cfg.total_steps, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        try:
+            while self.step < end:
+                started, stage = time.perf_counter(), self.stage
+                loss = self._train_step()
+                self.history.seconds += time.perf_counter() - started
+                self.step += 1
+                bar.set_postfix(stage=stage, loss=f"{loss:.4f}")
+                bar.update(1)
+                if self.callback is not None:
+                    self.callback(self.step, loss)
+                self._after_step()
+        finally:
+            bar.close()
+        if self.step < self.cfg.total_steps or not finish:
+            return None
+        return self.finish()
+
+    def _after_step(self) -> None:
+        cfg, step = self.cfg, self.step
+        stage_end = step in (cfg.vae_steps, cfg.total_steps)
+        if stage_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            self.save_checkpoint()
+        if step == cfg.vae_steps and cfg.vae_steps > 0:
+            from ldm.train.plots import save_reconstructions
+
+            save_reconstructions(self.ema["vae"].copy_to(self.vae), self.data, self.out / "vae_reconstructions.png")
+        in_unet = step > cfg.vae_steps
+        if in_unet and cfg.sample_every and (step - cfg.vae_steps) % cfg.sample_every == 0 and step < cfg.total_steps:
+            self.save_samples()
+
+    def finish(self) -> Path:
+        """The end of the run: final samples, the loss curve and the exported model folder (fp16, EMA weights)."""
+        from ldm.train.export import export_model
+        from ldm.train.plots import plot_losses, save_latent_channels
+
+        self._build_stage()  # a run restored from its final checkpoint has the UNet stage to set up
+        self.save_samples()
+        plot_losses(self.history, self.out / "loss_curve.png")
+        save_latent_channels(self.vae, self.data, self.scaling_factor, self.out / "latent_channels.png")
+        return export_model(self.pipeline(), self.out / "model")
+
+    # -- the parts as a pipeline, samples --------------------------------------------------------------------------
+
+    def pipeline(self, ema: bool = True) -> Any:
+        """An ldm.StableDiffusionPipeline of the current weights (EMA averages of the UNet and text encoder)."""
+        from ldm.pipeline import StableDiffusionPipeline
+
+        if self.scaling_factor is None:
+            raise RuntimeError("pipeline: the UNet stage has not started yet (no latent scaling factor)")
+        preset = family_preset(self.cfg, self.scaling_factor)
+        vae = copy.deepcopy(self.vae).eval()
+        vae.config = preset.vae
+        unet, text = self.unet, self.text_encoder
+        if ema and "unet" in self.ema:
+            unet, text = self.ema["unet"].copy_to(unet), self.ema["text_encoder"].copy_to(text)
+        else:
+            unet, text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+        return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=self.tokenizer,
+                                       scheduler=DDIMScheduler.from_config(SCHEDULER), family=preset)
+
+    def save_samples(self, steps: int = 20, guidance: float = 5.0) -> Path:
+        from ldm.train.plots import image_grid
+
+        pipe = self.pipeline()
+        images = pipe(list(self.cfg.sample_prompts), num_inference_steps=steps, guidance_scale=guidance, seed=0,
+                      output_type="np").images  # (n, H, W, 3) in [0, 1]
+        path = self.out / "samples" / f"step-{self.step:06d}.png"
+        path.parent.mkdir(exist_ok=True)
+        image_grid(images, list(self.cfg.sample_prompts), f"step {self.step}").save(path)
+        return path
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def save_checkpoint(self) -> Path:
+        tensors = {**prefixed("vae", self.vae.state_dict()), **prefixed("unet", self.unet.state_dict()),
+                   **prefixed("text_encoder", self.text_encoder.state_dict()),
+                   "rng.torch": self.generator.get_state()}
+        for name, ema in self.ema.items():
+            tensors.update(prefixed(f"ema.{name}", ema.shadow))
+        if self.optimizer is not None:
+            names = {id(p): f"{c}.{k}" for c, m in self._trained(self._stage_built).items()
+                     for k, p in m.named_parameters()}
+            for p, s in self.optimizer.state.items():
+                tensors.update({f"optimizer.{names[id(p)]}.{key}": v for key, v in s.items()})
+        meta = {"step": self.step, "stage": self._stage_built, "config": self.cfg.to_json(),
+                "scaling_factor": self.scaling_factor, "ema_updates": {n: e.updates for n, e in self.ema.items()},
+                "losses": dataclasses.asdict(self.history)}
+        return save_state(self.checkpoint_path, tensors, meta)
+
+    def _restore(self, state: dict[str, Tensor], meta: dict[str, Any], path: Path) -> None:
+        try:
+            for name, module in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.text_encoder)):
+                module.load_state_dict(unprefixed(name, state), strict=True)
+            self.generator.set_state(state["rng.torch"])
+            self.step, self.scaling_factor = int(meta["step"]), meta["scaling_factor"]
+            self.history = History(**meta["losses"])
+            stage = meta["stage"]
+            if stage is not None:
+                self._build_stage_as(stage)
+                for name, ema in self.ema.items():
+                    ema.shadow = unprefixed(f"ema.{name}", state)
+                    ema.updates = int(meta["ema_updates"][name])
+                    if set(ema.shadow) != {k for k, _ in self._trained(stage)[name].named_parameters()}:
+                        raise KeyError(f"ema.{name}: the averaged weights do not match the model")
+                for c, m in self._trained(stage).items():
+                    for k, p in m.named_parameters():
+                        found = unprefixed(f"optimizer.{c}.{k}", state)
+                        if found:
+                            self.optimizer.state[p] = found
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"resume: the checkpoint {str(path)!r} does not fit this trainer "
+                             f"({type(e).__name__}: {e})") from None
+
+    def _build_stage_as(self, stage: str) -> None:
+        """Rebuild the optimizer/EMA of the stage a checkpoint was written in (the VAE stage's last checkpoint is
+        written after its final step, when self.stage already says "unet")."""
+        if stage == "vae":
+            params = list(self.vae.parameters())
+            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.vae_lr, weight_decay=self.cfg.weight_decay)
+            self.ema = {"vae": EMA(self.vae, self.cfg.ema_decay)}
+            self.vae.train()
+            self._stage_built = "vae"
+        else:
+            self._build_stage()
+
+
+def _prepare_out_dir(out_dir: str) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir!r} is a file, not a folder; choose a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
+          callback: StepCallback | None = None, progress: bool = True) -> Path | None:
+    """Run (or continue) a training run to its end; returns the exported model folder."""
+    return Trainer(cfg, resume=resume, callback=callback, progress=progress).run()
