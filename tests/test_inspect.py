@@ -167,3 +167,15 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[1, 8, 32, 32]" in out
     assert main(["no-such-model"]) == 2
     assert "ldm inspect: error: model must be a family name" in capsys.readouterr().err
+
+
+def test_ldm_inspect_command(capsys):
+    """`ldm inspect sd15` (the console command's own entry point) prints the published totals; errors exit 2."""
+    from ldm.cli import main as ldm_main
+
+    assert ldm_main(["inspect", "sd15", "--depth", "0"]) == 0
+    out = capsys.readouterr().out
+    for total in ("859,520,964", "123,060,480", "83,653,863"):
+        assert total in out
+    assert ldm_main(["inspect", "sd15", "--depth", "-1"]) == 2
+    assert "--depth" in capsys.readouterr().err
