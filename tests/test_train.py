@@ -397,3 +397,29 @@ def test_shipped_model_img2img_keeps_layout_and_inpaint_stays_in_mask(shipped):
     inside = np.abs(out[:, 32:] - sample.image[:, 32:].astype(np.int16)).mean()  # is 4 px per latent pixel
     assert outside < 12, f"inpainting changed the unmasked left half by {outside:.1f} levels on average"
     assert inside > outside
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command line: ldm train
+
+
+def test_cli_train_errors_and_resume(tmp_path, capsys):
+    from ldm.cli import main
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["train", "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--batch-size", "0"]) == 2
+    assert "batch_size must be a positive int" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--unet-steps", "-3"]) == 2
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume", str(a_file)]) == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+    first = Trainer(tiny(tmp_path / "run"), progress=False)
+    first.run(until=4, finish=False)
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", str(first.checkpoint_path),
+                 "--no-progress"]) == 0
+    assert "model written to" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    _, meta = load_state(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == 6
