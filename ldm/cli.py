@@ -10,6 +10,7 @@ replaced without `--overwrite`. `--num-images N` writes N numbered files, image 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", default=None, help="inpainting: white = repaint, same size as --init-image")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt files (runs code!)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--attention-maps", metavar="DIR", default=None,
+                   help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
     g.set_defaults(run=generate)
 
     from ldm import inspect  # the layer tables of `ldm inspect MODEL` live with their code in ldm/inspect.py
@@ -76,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Layer tables (name, input and output shapes, parameters) of each part.")
     inspect.add_arguments(i)
     i.set_defaults(run=inspect.run)
+
+    from ldm.train import cli as train_cli  # `ldm train`: its options and run live in ldm/train/cli.py
+
+    t = commands.add_parser("train", help="train a small latent diffusion model on captioned shapes (CPU)",
+                            description="Train the VAE, then the UNet with a small CLIP, on the shapes dataset.")
+    train_cli.add_arguments(t)
+    t.set_defaults(run=train_cli.run)
     return parser
 
 
@@ -97,6 +107,7 @@ def generate(args: argparse.Namespace) -> int:
     import torch  # after the checks: a usage error answers fast
 
     import ldm
+    from ldm.research import AttentionStore, save_attention_maps, use_processor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -119,8 +130,10 @@ def generate(args: argparse.Namespace) -> int:
                   guidance_scale=args.guidance, seed=seed, num_images_per_prompt=args.num_images,
                   scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, weighting=args.weighting,
                   output_type="pil")
+    store = AttentionStore(keep=False, guided=args.guidance > 1) if args.attention_maps else None  # heatmap sums only
     try:
-        result, size = _run(pipe, args, common)
+        with use_processor(pipe.unet, store) if store else contextlib.nullcontext():
+            result, size = _run(pipe, args, common)
     except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)
         raise UsageError(_one_line(e)) from None
 
@@ -143,6 +156,10 @@ def generate(args: argparse.Namespace) -> int:
             raise UsageError(f"output {str(path)!r} appeared while generating; not overwritten (use --overwrite)") \
                 from None
         print(path)
+    if store is not None:
+        for path in save_attention_maps(store, pipe.tokenizer, args.prompt, result.images, args.attention_maps,
+                                        weighting=args.weighting):
+            print(path)
     return 0
 
 
@@ -195,6 +212,11 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
         raise UsageError("--height/--width do not apply with --init-image: the output has the image's size")
     _check_images(args)
     _check_model(args)
+    maps = None if args.attention_maps is None else Path(args.attention_maps)
+    if maps is not None and maps.exists() and not maps.is_dir():
+        raise UsageError(f"--attention-maps: {str(maps)!r} is a file, not a folder")
+    if maps is not None and maps.is_dir() and any(maps.iterdir()) and not args.overwrite:
+        raise UsageError(f"--attention-maps: folder {str(maps)!r} is not empty; use --overwrite to write into it")
     return _check_outputs(args)
 
 
