@@ -97,7 +97,7 @@ def random_scene(rng: np.random.Generator, size: int, split: str = "train", two_
     objects = []
     for k, (colour, shape) in enumerate((pairs[i], pairs[j])):
         r = rng.uniform(0.12, 0.2) * size
-        along = rng.uniform(r + 2, size / 2 - 2)  # in its own half, away from the middle line
+        along = rng.uniform(r + 2, size / 2 - r)  # wholly in its own half: the two never overlap
         across = rng.uniform(r + 2, size - r - 2)
         first_half = (k == 0) == (relation in ("above", "left of"))
         along = along if first_half else size - along
