@@ -179,3 +179,14 @@ def test_ldm_inspect_command(capsys):
         assert total in out
     assert ldm_main(["inspect", "sd15", "--depth", "-1"]) == 2
     assert "--depth" in capsys.readouterr().err
+
+
+def test_ldm_inspect_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from ldm.cli import main as ldm_main
+
+    assert ldm_main(["inspect", "sd21-v", "--component", "text_encoder", "--depth", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "text_model.encoder.layers (ModuleList)" in out and "289,713,152" in out
+    assert "Total params: 340,387,840" in out
+    assert ldm_main(["inspect", "sd15", "--size", "100"]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
