@@ -341,8 +341,8 @@ class Trainer:
         """Train up to global step `until` (default: the end; then, with `finish`, sample, draw the loss curve and
         export the model).
 
-        Returns the exported model folder when the run ended and finished, else None. A KeyboardInterrupt (Ctrl-C, or one
-        raised by the callback) stops the loop; the last complete checkpoint stays on disk untouched.
+        Returns the exported model folder when the run ended and finished, else None. A KeyboardInterrupt (Ctrl-C,
+        or one raised by the callback) stops the loop; the last complete checkpoint stays on disk untouched.
         """
         from tqdm import tqdm
 
