@@ -324,3 +324,82 @@ def test_use_processor_rejects_an_empty_selection(pipe: StableDiffusionPipeline)
         with use_processor(pipe.unet, AttentionStore(), where=lambda n: n.endswith("attn3")):
             pass
     assert set_attention_processor(pipe.unet, None) and is_cross_attention(CROSS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the pipeline and the command line
+
+
+def test_pipeline_generates_from_a_200_token_prompt(pipe: StableDiffusionPipeline) -> None:
+    words = ["cat", "dog", "tree", "house"] * 50
+    prompt = " ".join(words)  # 200 tokens: 3 chunks of 77
+    store = AttentionStore()
+    with use_processor(pipe.unet, store):
+        out = generate(pipe, prompt, negative_prompt="blurry", output_type="np")
+    assert {m.shape[-1] for maps in store.maps.values() for m in maps} == {3 * 77}  # the UNet saw (2, 231, D)
+    assert np.isfinite(out.images).all()
+    first_chunk = generate(pipe, " ".join(words[:75]), negative_prompt="blurry", output_type="np")
+    assert rel_err(out.latents, first_chunk.latents) > 1e-4  # the tokens beyond 75 did reach the image
+
+
+def fake_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               pipe: StableDiffusionPipeline) -> tuple[str, list[dict]]:
+    """A --model path, with ldm.load_pipeline patched to give the tiny pipeline and record each call's kwargs."""
+    import ldm
+
+    calls: list[dict] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pipe, name)
+
+        def __call__(self, prompt: str, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return pipe(prompt, **kwargs)
+
+    model = tmp_path / "tiny.safetensors"
+    model.write_bytes(b"")
+    monkeypatch.setattr(ldm, "load_pipeline", lambda *args, **kwargs: Recording())
+    return str(model), calls
+
+
+def test_cli_attention_maps_and_no_weighting(pipe: StableDiffusionPipeline, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from ldm.cli import main
+
+    model, calls = fake_model(tmp_path, monkeypatch, pipe)
+    maps = tmp_path / "maps"
+    args = ["generate", "a (red:1.3) cat, sleeping", "--model", model, "--steps", "2", "--height", "16",
+            "--width", "24", "--seed", "0"]
+    assert main([*args, "--out", str(tmp_path / "a.png"), "--attention-maps", str(maps)]) == 0
+    assert calls[-1]["weighting"] is True
+    names = sorted(p.name for p in maps.iterdir())
+    assert names == ["0-a.png", "1-red.png", "2-cat.png", "3-sleeping.png"]
+    for name in names:
+        with Image.open(maps / name) as im:
+            assert im.size == (24, 16)  # the image's size
+    assert str(maps / "2-cat.png") in capsys.readouterr().out
+
+    assert main([*args, "--out", str(tmp_path / "b.png"), "--no-weighting"]) == 0
+    assert calls[-1]["weighting"] is False
+    with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # emphasis changed the image
+
+    # the maps folder is not silently overwritten, and a file is no folder
+    assert main([*args, "--out", str(tmp_path / "c.png"), "--attention-maps", str(maps)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c.png"), "--attention-maps", str(tmp_path / "a.png")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_cli_attention_maps_without_guidance(pipe: StableDiffusionPipeline, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from ldm.cli import main
+
+    model, _ = fake_model(tmp_path, monkeypatch, pipe)
+    assert main(["generate", "two cats", "--model", model, "--steps", "1", "--height", "16", "--width", "16",
+                 "--guidance", "1", "--num-images", "2", "--out", str(tmp_path / "x.png"),
+                 "--attention-maps", str(tmp_path / "m")]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "m")) for p in (tmp_path / "m").rglob("*.png")) == [
+        "0-two.png", "1-cats.png", "image1/0-two.png", "image1/1-cats.png"]

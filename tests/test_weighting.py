@@ -11,6 +11,7 @@ import torch
 
 from ldm.clip import CLIPTextModel
 from ldm.config import CLIPTextConfig
+from ldm.pipeline import StableDiffusionPipeline
 from ldm.research.weighting import (CHUNK, apply_emphasis, chunk_tokens, context_position, encode_prompt,
                                     encode_prompt_pair, parse_prompt_weights, plain_text, tokenize_weighted)
 from ldm.tokenizer import CLIPTokenizer
@@ -238,3 +239,31 @@ def test_plain_text_removes_the_syntax() -> None:
     assert plain_text("a (red:1.5) [cat] \\(x\\)") == "a red cat (x)"
     assert plain_text("a (red:1.5)", weighting=False) == "a (red:1.5)"
     assert CHUNK == 75
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(sd15_tok: CLIPTokenizer) -> StableDiffusionPipeline:
+    from tests.test_research import tiny_pipeline  # our modules at tiny sizes, trained-like weights
+
+    return tiny_pipeline(sd15_tok)
+
+
+def test_pipeline_weighting_default_and_parity(pipe: StableDiffusionPipeline) -> None:
+    kw = dict(height=16, width=16, num_inference_steps=2, seed=0, output_type="latent", negative_prompt="blurry")
+    plain = pipe("a photo of a cat", weighting=False, **kw).latents
+    assert torch.equal(pipe("a photo of a cat", **kw).latents, plain)  # no syntax: bit-identical
+    assert torch.equal(pipe("a photo of a (cat:1.0)", **kw).latents, plain)
+    louder = pipe("a photo of a (cat:1.5)", **kw).latents  # weighting=True is the default
+    literal = pipe("a photo of a (cat:1.5)", weighting=False, **kw).latents
+    assert not torch.equal(louder, plain) and not torch.equal(louder, literal)
+
+
+def test_pipeline_pads_the_negative_prompt_to_the_prompt(pipe: StableDiffusionPipeline) -> None:
+    kw = dict(height=16, width=16, num_inference_steps=1, seed=0, output_type="latent")
+    long = " ".join(["castle"] * 100)  # 2 chunks
+    for prompt, negative in ((long, "blurry"), ("a castle", long)):
+        assert torch.isfinite(pipe(prompt, negative_prompt=negative, **kw).latents).all()
