@@ -11,11 +11,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm.train.checkpoint import CheckpointFormatError, load_state, save_state
-from ldm.train.export import export_model
-from ldm.train.shapes import COLOURS, HELD_OUT, SHAPES, Prediction, ShapesDataset, classify
-from ldm.train.trainer import (DEFAULT_TEXT, DEFAULT_UNET, DEFAULT_VAE, EMA, History, TrainConfig, Trainer,
-                               lr_at, train)
+import importlib
+from typing import Any
+
+# Imported on first use, so `ldm train --help` and `ldm generate` (whose parser registers `ldm train`) start fast.
+_EXPORTS = {
+    "CheckpointFormatError": "checkpoint", "load_state": "checkpoint", "save_state": "checkpoint",
+    "export_model": "export",
+    "COLOURS": "shapes", "HELD_OUT": "shapes", "SHAPES": "shapes", "Prediction": "shapes",
+    "ShapesDataset": "shapes", "classify": "shapes",
+    "DEFAULT_TEXT": "trainer", "DEFAULT_UNET": "trainer", "DEFAULT_VAE": "trainer", "EMA": "trainer",
+    "History": "trainer", "TrainConfig": "trainer", "Trainer": "trainer", "lr_at": "trainer", "train": "trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ldm.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'ldm.train' has no attribute {name!r}")
+
 
 # The embedded default model (written by scripts/train_default.py): a diffusers-layout folder in the package, what
 # `ldm generate` uses without --model once it exists.
