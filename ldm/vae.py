@@ -67,11 +67,13 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, C_out, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout sits here in training; it is 0 at inference
+        # In-place SiLU and residual add: the norm and conv outputs are fresh tensors nobody else holds, so this
+        # only saves a full-size allocation per op (the decoder's last levels are 128 x 512 x 512 floats).
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (B, C_out, H, W)
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # dropout sits here in training; it is 0 at inference
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return h.add_(x)
 
 
 class Downsample2D(nn.Module):
