@@ -10,7 +10,7 @@ the comment says so. Derive variants with `dataclasses.replace`, never by mutati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,6 +49,8 @@ def _positive(owner: str, **values: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
+
+DIFFUSERS_VERSION = "0.42.1"  # the reference whose config.json layout the to_diffusers() methods write
 
 # ----------------------------------------------------------------------------------------------------------------
 # VAE: diffusers AutoencoderKL
@@ -103,6 +105,13 @@ class VAEConfig:
                                  f"(only {n} x {block!r}, one per block_out_channels entry)")
         defaults = {"block_out_channels": (64,), "layers_per_block": 1, "sample_size": 32}  # diffusers' defaults
         return cls(**{**defaults, **{k: _normalise(v) for k, v in kw.items()}})
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers AutoencoderKL config.json for this config (from_diffusers' inverse)."""
+        n = len(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **asdict(self),
+                "block_out_channels": list(self.block_out_channels), "act_fn": "silu",
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,6 +175,11 @@ class CLIPTextConfig:
                     "projection_dim": 512, "bos_token_id": 49406, "eos_token_id": 49407}  # transformers' defaults
         kw = {**defaults, **kw}
         return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})
+
+    def to_transformers(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """The transformers CLIPTextModel config.json for this config (from_transformers' inverse)."""
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **asdict(self),
+                "attention_dropout": 0.0, "dropout": 0.0, "torch_dtype": torch_dtype}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,6 +291,17 @@ class UNetConfig:
         heads = head_key if heads is None else heads
         return cls(block_out_channels=widths, cross_attention_levels=levels, num_heads=_normalise(heads),
                    **{k: _normalise(v) for k, v in kw.items()})
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers UNet2DConditionModel config.json (from_diffusers' inverse; heads go to the misnamed
+        `attention_head_dim`)."""
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attention_levels]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attention_levels)]
+        d = {k: v for k, v in asdict(self).items() if k not in ("num_heads", "cross_attention_levels")}
+        return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **d,
+                "block_out_channels": list(self.block_out_channels), "down_block_types": down, "up_block_types": up,
+                "attention_head_dim": list(self.num_heads), "act_fn": "silu", "center_input_sample": False,
+                "downsample_padding": 1, "mid_block_scale_factor": 1}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -109,3 +109,16 @@ def test_head_dim_constructor_and_family_lookup():
     assert family("sd21-v") is ldm.SD21_V
     with pytest.raises(ValueError, match="unknown family 'sd3'"):
         family("sd3")
+
+
+@pytest.mark.parametrize("preset", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_to_diffusers_round_trips_and_diffusers_builds_it(preset):
+    """to_diffusers()/to_transformers() are from_*'s inverses, and the references accept what they write."""
+    assert ldm.UNetConfig.from_diffusers(preset.unet.to_diffusers()) == preset.unet
+    assert ldm.VAEConfig.from_diffusers(preset.vae.to_diffusers()) == preset.vae
+    assert ldm.CLIPTextConfig.from_transformers(preset.text.to_transformers()) == preset.text
+    for cls, d in ((diffusers.UNet2DConditionModel, preset.unet.to_diffusers()),
+                   (diffusers.AutoencoderKL, preset.vae.to_diffusers())):
+        init, unused = cls.extract_init_dict(d)[:2]  # what diffusers' from_config would pass to __init__
+        assert not unused and {k for k in d if not k.startswith("_")} <= set(init), cls.__name__
+    assert transformers.CLIPTextConfig(**preset.text.to_transformers()).hidden_act == preset.text.hidden_act

@@ -11,7 +11,6 @@ one tensor at a time.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from importlib import resources
@@ -21,40 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.config import CLIPTextConfig, UNetConfig, VAEConfig
+from ldm.config import DIFFUSERS_VERSION
 
 from weights_convert.load import Components
 from weights_convert.safetensors_file import write_streaming
 
-DIFFUSERS_VERSION = "0.42.1"  # the layout written; the reference these configs are read back by
-
-
-def unet_config(cfg: UNetConfig) -> dict[str, Any]:
-    """diffusers UNet2DConditionModel config.json for `cfg` (heads go to the misnamed `attention_head_dim`)."""
-    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention_levels]
-    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention_levels)]
-    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-            "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-            "block_out_channels": list(cfg.block_out_channels), "down_block_types": down, "up_block_types": up,
-            "layers_per_block": cfg.layers_per_block, "attention_head_dim": list(cfg.num_heads),
-            "cross_attention_dim": cfg.cross_attention_dim, "use_linear_projection": cfg.use_linear_projection,
-            "upcast_attention": cfg.upcast_attention, "flip_sin_to_cos": cfg.flip_sin_to_cos,
-            "freq_shift": cfg.freq_shift, "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps,
-            "dropout": cfg.dropout, "sample_size": cfg.sample_size, "act_fn": "silu", "center_input_sample": False,
-            "downsample_padding": 1, "mid_block_scale_factor": 1}
-
-
-def vae_config(cfg: VAEConfig) -> dict[str, Any]:
-    n = len(cfg.block_out_channels)
-    d = dataclasses.asdict(cfg)
-    d["block_out_channels"] = list(cfg.block_out_channels)
-    return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **d, "act_fn": "silu",
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
-
-
-def text_config(cfg: CLIPTextConfig, dtype: torch.dtype) -> dict[str, Any]:
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(cfg),
-            "attention_dropout": 0.0, "dropout": 0.0, "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -89,11 +59,12 @@ def export_diffusers(parts: Components, out_dir: str | Path, dtype: torch.dtype 
         raise FileExistsError(f"{out}: exists and is not empty; export writes a fresh folder")
     mid = f".{variant}" if variant else ""
     weights_dtype = dtype or next(parts.unet.parameters()).dtype
-    _write_json(out / "unet" / "config.json", unet_config(parts.family.unet))
+    _write_json(out / "unet" / "config.json", parts.family.unet.to_diffusers())
     _write_weights(parts.unet, out / "unet" / f"diffusion_pytorch_model{mid}.safetensors", dtype)
-    _write_json(out / "vae" / "config.json", vae_config(parts.family.vae))
+    _write_json(out / "vae" / "config.json", parts.family.vae.to_diffusers())
     _write_weights(parts.vae, out / "vae" / f"diffusion_pytorch_model{mid}.safetensors", dtype)
-    _write_json(out / "text_encoder" / "config.json", text_config(parts.family.text, weights_dtype))
+    _write_json(out / "text_encoder" / "config.json", parts.family.text.to_transformers(
+        str(weights_dtype).removeprefix("torch.")))
     _write_weights(parts.text_encoder, out / "text_encoder" / f"model{mid}.safetensors", dtype)
     scheduler = {k: v for k, v in dict(parts.scheduler.config).items()}
     scheduler.setdefault("_class_name", type(parts.scheduler).__name__)

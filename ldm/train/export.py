@@ -11,7 +11,6 @@ writes the same layout from loaded checkpoints; ldm/ does not import weights_con
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-DIFFUSERS_VERSION = "0.42.1"
+from ldm.config import DIFFUSERS_VERSION
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -34,32 +33,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _write_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt"})
-
-
-def unet_config(cfg: Any) -> dict[str, Any]:
-    """diffusers UNet2DConditionModel config.json (heads as the misnamed `attention_head_dim`)."""
-    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention_levels]
-    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention_levels)]
-    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-            "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-            "block_out_channels": list(cfg.block_out_channels), "down_block_types": down, "up_block_types": up,
-            "layers_per_block": cfg.layers_per_block, "attention_head_dim": list(cfg.num_heads),
-            "cross_attention_dim": cfg.cross_attention_dim, "use_linear_projection": cfg.use_linear_projection,
-            "upcast_attention": cfg.upcast_attention, "flip_sin_to_cos": cfg.flip_sin_to_cos,
-            "freq_shift": cfg.freq_shift, "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps,
-            "dropout": cfg.dropout, "sample_size": cfg.sample_size}
-
-
-def vae_config(cfg: Any) -> dict[str, Any]:
-    n = len(cfg.block_out_channels)
-    return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **dataclasses.asdict(cfg),
-            "block_out_channels": list(cfg.block_out_channels),
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
-
-
-def text_config(cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(cfg),
-            "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -82,11 +55,12 @@ def export_model(pipe: Any, folder: str | os.PathLike, dtype: torch.dtype = torc
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         family = pipe.family
-        _write_json(tmp / "unet" / "config.json", unet_config(family.unet))
+        _write_json(tmp / "unet" / "config.json", family.unet.to_diffusers())
         _write_weights(pipe.unet, tmp / "unet" / "diffusion_pytorch_model.safetensors", dtype)
-        _write_json(tmp / "vae" / "config.json", vae_config(family.vae))
+        _write_json(tmp / "vae" / "config.json", family.vae.to_diffusers())
         _write_weights(pipe.vae, tmp / "vae" / "diffusion_pytorch_model.safetensors", dtype)
-        _write_json(tmp / "text_encoder" / "config.json", text_config(family.text, dtype))
+        _write_json(tmp / "text_encoder" / "config.json", family.text.to_transformers(
+            str(dtype).removeprefix("torch.")))
         _write_weights(pipe.text_encoder, tmp / "text_encoder" / "model.safetensors", dtype)
         scheduler = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
