@@ -98,6 +98,16 @@ def spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int, round_lins
     raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
 
 
+def spaced_sigmas(cfg: Mapping[str, Any], n: int,
+                  alphas_cumprod: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sigma samplers' (Euler, Euler ancestral, LMS) start of set_timesteps: n float32 timesteps, descending,
+    the sigma of each, interpolated in the training sigmas, and those training sigmas (T,) ascending."""
+    timesteps = spaced_timesteps(cfg["timestep_spacing"], n, cfg["num_train_timesteps"], cfg["steps_offset"],
+                                 round_linspace=False).astype(np.float32)  # (n,)
+    base = train_sigmas(alphas_cumprod)  # (T,)
+    return timesteps, np.interp(timesteps, np.arange(0, len(base)), base), base  # sigmas: (n,)
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022 eq. (5): sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, descending."""
     ramp = np.linspace(0, 1, n)

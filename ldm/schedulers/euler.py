@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, SigmaScheduler, karras_sigmas
-from .common import make_betas, randn, sigma_to_t, spaced_timesteps, train_sigmas
+from .common import make_betas, spaced_sigmas, randn, sigma_to_t
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
@@ -57,10 +57,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         self._check_num_steps(num_inference_steps)
         cfg, n = self._cfg, num_inference_steps
         self.num_inference_steps = n
-        timesteps = spaced_timesteps(cfg["timestep_spacing"], n, cfg["num_train_timesteps"], cfg["steps_offset"],
-                                     round_linspace=False).astype(np.float32)
-        base = train_sigmas(self.alphas_cumprod)  # (T,) ascending
-        sigmas = np.interp(timesteps, np.arange(0, len(base)), base)  # (n,) the sigma of each timestep
+        timesteps, sigmas, base = spaced_sigmas(cfg, n, self.alphas_cumprod)  # (n,), (n,), (T,)
         if cfg["use_karras_sigmas"]:
             sigma_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
             sigma_max = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, SigmaScheduler, make_betas
-from .common import randn, spaced_timesteps, train_sigmas
+from .common import randn, spaced_sigmas
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
@@ -52,10 +52,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         self._check_num_steps(num_inference_steps)
         cfg, n = self._cfg, num_inference_steps
         self.num_inference_steps = n
-        timesteps = spaced_timesteps(cfg["timestep_spacing"], n, cfg["num_train_timesteps"], cfg["steps_offset"],
-                                     round_linspace=False).astype(np.float32)
-        base = train_sigmas(self.alphas_cumprod)  # (T,) ascending
-        sigmas = np.interp(timesteps, np.arange(0, len(base)), base)  # (n,)
+        timesteps, sigmas, _ = spaced_sigmas(cfg, n, self.alphas_cumprod)  # (n,), (n,)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (n + 1,)
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._step_index = None

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, SigmaScheduler, karras_sigmas
-from .common import make_betas, sigma_to_t, spaced_timesteps, train_sigmas
+from .common import make_betas, spaced_sigmas, sigma_to_t
 
 
 def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
@@ -61,10 +61,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         self._check_num_steps(num_inference_steps)
         cfg, n = self._cfg, num_inference_steps
         self.num_inference_steps = n
-        timesteps = spaced_timesteps(cfg["timestep_spacing"], n, cfg["num_train_timesteps"], cfg["steps_offset"],
-                                     round_linspace=False).astype(np.float32)
-        base = train_sigmas(self.alphas_cumprod)  # (T,) ascending
-        sigmas = np.interp(timesteps, np.arange(0, len(base)), base)  # (n,)
+        timesteps, sigmas, base = spaced_sigmas(cfg, n, self.alphas_cumprod)  # (n,), (n,), (T,)
         if cfg["use_karras_sigmas"]:
             sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
             timesteps = sigma_to_t(sigmas, np.log(base))
