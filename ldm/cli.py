@@ -1,4 +1,8 @@
-"""The `ldm` command: `ldm generate "PROMPT" --model PATH_OR_ID --out out.png [options]`.
+"""The `ldm` command: `ldm generate "PROMPT" [--model PATH_OR_ID] [--out out.png] [options]`.
+
+Without --model it uses the small shapes model packaged with ldm (ldm/data/shapes-model, docs/training.md); without
+--out it names the file after the prompt in the current folder ("a green triangle" -> a-green-triangle.png, then
+a-green-triangle-1.png, ... so an automatic name never replaces a file).
 
 Everything the command can check before loading a model (sizes, counts, the output files, the init image and
 mask, the model path) is checked first, so a mistake costs no model load and writes nothing. Errors print one line
@@ -43,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Generate images and write them as PNGs with their generation parameters.")
     g.add_argument("prompt", help="what to draw")
     g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, or a hub id (from the local "
-                                   "huggingface_hub cache)")
-    g.add_argument("--out", required=True, help="output PNG; with --num-images N: OUT-0.png ... OUT-(N-1).png")
+                                   "huggingface_hub cache); default: the packaged 64x64 shapes model")
+    g.add_argument("--out", default=None, help="output PNG; with --num-images N: OUT-0.png ... OUT-(N-1).png "
+                                              "(default: the prompt as a file name in the current folder)")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
@@ -238,7 +243,13 @@ def _check_images(args: argparse.Namespace) -> None:
 
 def _check_model(args: argparse.Namespace) -> None:
     if args.model is None:
-        raise UsageError("no model given: pass --model with a .safetensors file, a diffusers folder or a hub id")
+        from ldm.train import DEFAULT_MODEL_DIR  # a path constant; imports no torch
+
+        if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+            raise UsageError(f"no --model given and the packaged model is missing ({DEFAULT_MODEL_DIR}; "
+                             f"scripts/train_default.py makes it): pass --model with a .safetensors file, a "
+                             f"diffusers folder or a hub id")
+        args.model = str(DEFAULT_MODEL_DIR)
     for flag, value in (("--model", args.model), ("--vae", args.vae)):
         if value is not None and not os.path.exists(value) and not _looks_like_hub_id(value):
             raise UsageError(f"{flag}: no such file or folder {value!r}")
@@ -250,14 +261,12 @@ def _looks_like_hub_id(value: str) -> bool:
 
 
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
+    if args.out is None:
+        args.out = str(_free_name(args.prompt, args.num_images))
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
-    if args.num_images == 1:
-        paths = [out]
-    else:
-        digits = len(str(args.num_images - 1))
-        paths = [out.with_name(f"{out.stem}-{i:0{digits}d}{out.suffix}") for i in range(args.num_images)]
+    paths = _numbered(out, args.num_images)
     folder = out.parent
     if not folder.is_dir():
         raise UsageError(f"--out: folder {str(folder)!r} does not exist")
@@ -269,6 +278,24 @@ def _check_outputs(args: argparse.Namespace) -> list[Path]:
         if path.exists() and not args.overwrite:
             raise UsageError(f"output {str(path)!r} exists; use --overwrite to replace it")
     return paths
+
+
+def _numbered(out: Path, n: int) -> list[Path]:
+    """The files one run writes: OUT itself, or OUT-0 ... OUT-(n-1) for n images."""
+    if n == 1:
+        return [out]
+    digits = len(str(n - 1))
+    return [out.with_name(f"{out.stem}-{i:0{digits}d}{out.suffix}") for i in range(n)]
+
+
+def _free_name(prompt: str, n: int) -> Path:
+    """The default --out: the prompt's words as a file name, with -1, -2, ... until none of its files exist."""
+    stem = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:60].strip("-") or "ldm"
+    for k in range(10_000):
+        out = Path(f"{stem}{f'-{k}' if k else ''}.png")
+        if not any(p.exists() for p in _numbered(out, n)):
+            return out
+    raise UsageError(f"no free file name for {stem!r} in the current folder: pass --out")
 
 
 def _model_name(model: str) -> str:

@@ -187,3 +187,28 @@ def test_unloadable_model_exits_2(tmp_path, capsys):
     assert main(["generate", "a cat", "--model", str(folder), "--out", str(tmp_path / "x.png"), "--steps", "1"]) == 2
     assert "cannot load model" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_default_out_is_the_prompt_and_never_replaces_a_file(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "A cat, on a mat!", "--model", str(model_dir), "--steps", "1", "--height", "32", "--width",
+            "32", "--seed", "3"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert main([*args, "--num-images", "2"]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == ["a-cat-on-a-mat.png", "a-cat-on-a-mat-1.png", "a-cat-on-a-mat-1-0.png",
+                       "a-cat-on-a-mat-1-1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
+    first, second = (np.asarray(Image.open(tmp_path / name)) for name in written[:2])
+    np.testing.assert_array_equal(first, second)  # the same seed: only the name differs
+
+
+def test_without_model_and_without_the_packaged_one_exits_2(tmp_path, monkeypatch, capsys):
+    import ldm.train
+
+    monkeypatch.setattr(ldm.train, "DEFAULT_MODEL_DIR", tmp_path / "nowhere")
+    assert main(["generate", "a cat", "--out", str(tmp_path / "x.png"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no --model given and the packaged model is missing" in err and "nowhere" in err
+    assert not (tmp_path / "x.png").exists()

@@ -399,6 +399,26 @@ def test_shipped_model_img2img_keeps_layout_and_inpaint_stays_in_mask(shipped):
     assert inside > outside
 
 
+@pytest.mark.slow
+@needs_model
+def test_ldm_generate_without_model_uses_the_shipped_one(tmp_path):
+    """The README's main job: `ldm generate "a green triangle"` with no --model and no --out."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "ldm", "generate", "a green triangle", "--seed", "0", "--threads",
+                           "2"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["a-green-triangle.png"]
+    image = Image.open(tmp_path / "a-green-triangle.png")
+    assert image.size == (64, 64)  # the model's own size (unet.sample_size 16 x VAE factor 4), not SD's 512
+    found = classify(np.asarray(image.convert("RGB")))
+    assert found is not None and found.colour == "green", found
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The command line: ldm train
 

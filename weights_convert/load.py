@@ -306,7 +306,11 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     text_cfg = CLIPTextConfig.from_transformers(_read_json(folder / "text_encoder" / "config.json"))
     sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
     name = _folder_family(folder, unet_cfg, text_cfg, sched_cfg, family)
-    preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg,
+    # The default image size is diffusers' rule: the UNet's training latent size times the VAE's factor
+    # (64 x 8 = 512 for SD 1.5, 96 x 8 = 768 for SD 2.1-v; 16 x 4 = 64 for the packaged shapes model).
+    native = FAMILIES[name].native_size if unet_cfg.sample_size is None else \
+        unet_cfg.sample_size * vae_cfg.downsample_factor
+    preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg, native_size=native,
                      prediction_type=sched_cfg.get("prediction_type", "epsilon"),
                      scheduler_class=sched_cfg.get("_class_name", FAMILIES[name].scheduler_class))
     models = {c: _empty_model(c, preset) for c in COMPONENTS if not (skip_vae and c == "vae")}
