@@ -15,12 +15,19 @@ Module names mirror diffusers' state-dict keys, so a diffusers AutoencoderKL sta
 f = cfg.downsample_factor = 2 ** (len(block_out_channels) - 1) (8 for SD). The pipeline multiplies latents by
 cfg.scaling_factor (0.18215) before the UNet sees them and divides by it before decoding; the VAE does not.
 
+Large images: `vae.enable_tiling()` makes encode/decode cut inputs larger than one tile into overlapping tiles, run
+each through the encoder/decoder alone and cross-fade the overlaps (diffusers' `tiled_encode` / `tiled_decode`,
+same arithmetic, same numbers). Peak activation memory then follows the tile size, not the image size; the price
+is that GroupNorm statistics and the mid attention see one tile, so the result differs slightly from an untiled
+pass and seams can show faintly. See `AutoencoderKL.enable_tiling` and docs/vae.md, "Large images".
+
 Shapes: B batch, C channels, H, W spatial size of the tensor at hand (image, latent or an intermediate level),
 L = H*W positions, f the downsample factor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -340,11 +347,54 @@ def _randn_like_diffusers(
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
+def _blend_into(a: Tensor, b: Tensor, extent: int, dim: int) -> None:
+    """Cross-fade, in place, the first `extent` rows (dim=2) or columns (dim=3) of tile `b` from the last ones of
+    its neighbour `a` (above or to the left): b[y] = a[-extent + y] * (1 - y/extent) + b[y] * (y/extent).
+
+    At y = 0 the result is all `a`, and the weight moves linearly to `b`, so the picture is continuous across the
+    seam. diffusers' blend_v / blend_h row by row, vectorised (the same fp32 products and sums). As in diffusers,
+    `extent` shrinks to the smaller tile's size when an edge tile is thinner than the overlap.
+    """
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return
+    # weights y/extent computed in float64 and rounded once, as diffusers' Python-float scalars are
+    t = (torch.arange(extent, dtype=torch.float64, device=b.device) / extent).to(b.dtype)
+    t = t.view(-1, 1) if dim == 2 else t  # broadcast along rows (dim 2) or columns (dim 3)
+    a_end = a.narrow(dim, a.shape[dim] - extent, extent)
+    b_start = b.narrow(dim, 0, extent)
+    b_start.copy_(a_end * (1 - t) + b_start * t)
+
+
+def _run_tiled(x: Tensor, fn: Callable[[Tensor], Tensor], tile: int, stride: int, blend: int, keep: int) -> Tensor:
+    """fn on overlapping `tile` x `tile` windows of x every `stride` positions, blended and stitched.
+
+    Tiles are visited row by row; each is cross-faded with its already-blended neighbour above and then with the
+    one to its left over `blend` output rows/columns, and contributes its first `keep` x `keep` outputs (the rest
+    is the overlap the next tile fades over). Edge tiles are smaller; they keep what they have.
+    """
+    above: list[Tensor] = []  # the previous row of tiles, full size and blended: the next row fades from them
+    rows = []
+    for top in range(0, x.shape[2], stride):
+        row: list[Tensor] = []
+        for left in range(0, x.shape[3], stride):
+            out = fn(x[:, :, top:top + tile, left:left + tile])  # (B, C_out, <= tile', <= tile')
+            if above:
+                _blend_into(above[len(row)], out, blend, dim=2)
+            if row:
+                _blend_into(row[-1], out, blend, dim=3)
+            row.append(out)
+        rows.append(torch.cat([out[:, :, :keep, :keep] for out in row], dim=3))  # (B, C_out, <= keep, W_out)
+        above = row
+    return torch.cat(rows, dim=2)  # (B, C_out, H_out, W_out)
+
+
 class AutoencoderKL(nn.Module):
     """The Stable Diffusion VAE: `encode(image) -> DiagonalGaussianDistribution`, `decode(latents) -> image`.
 
     Images are in [-1, 1]; latents are unscaled (the pipeline applies `scaling_factor`). Any H, W divisible by
     `cfg.downsample_factor` work. `quant_conv` / `post_quant_conv` are None when the config turns them off.
+    Tiling (`enable_tiling`) is off by default; `use_tiling`, `tile_sample_size` and `tile_overlap` hold its state.
     """
 
     def __init__(self, cfg: VAEConfig) -> None:
@@ -357,6 +407,47 @@ class AutoencoderKL(nn.Module):
         lat = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, kernel_size=1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, kernel_size=1) if cfg.use_post_quant_conv else None
+        self.use_tiling = False
+        self.tile_sample_size = cfg.sample_size  # image pixels per tile side (diffusers: tile_sample_min_size)
+        self.tile_overlap = 0.25  # fraction of a tile shared with its neighbour (diffusers: tile_overlap_factor)
+
+    def enable_tiling(self, tile_sample_size: int | None = None, overlap: float = 0.25) -> None:
+        """Encode/decode inputs larger than one tile tile by tile (diffusers' enable_tiling + tiled_encode/decode).
+
+        tile_sample_size: a tile's side in image pixels (None: the config's sample_size, 512 for SD 1.x, as
+        diffusers); latent tiles are tile_sample_size / f. overlap: the fraction of a tile that overlaps the next
+        one and is cross-faded; a tile starts every tile * (1 - overlap). The overlap must be a whole number of
+        latent pixels (tile_sample_size / f * overlap), else tiles would not line up.
+        """
+        size = self.config.sample_size if tile_sample_size is None else tile_sample_size
+        self._tile_plan("encode", size, overlap)  # raises on a bad size or overlap before anything changes
+        self.tile_sample_size, self.tile_overlap = size, overlap
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        """Back to one pass over the whole input."""
+        self.use_tiling = False
+
+    def _tile_plan(self, kind: str, tile_sample_size: int, overlap: float) -> tuple[int, int, int, int]:
+        """diffusers' tiling arithmetic for "encode" or "decode": (tile, stride) on the input side, (blend, keep)
+        on the output side, each in that side's pixels. Raises on sizes where the input strides and the output
+        rows kept would not line up (diffusers silently produces a misaligned image there)."""
+        f = self.config.downsample_factor
+        if isinstance(tile_sample_size, bool) or not isinstance(tile_sample_size, int) \
+                or tile_sample_size <= 0 or tile_sample_size % f:
+            raise ValueError(f"tile_sample_size must be a positive multiple of the downsample factor {f}, "
+                             f"got {tile_sample_size!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be a number in [0, 1), got {overlap!r}")
+        sample, latent = tile_sample_size, tile_sample_size // f
+        # exactly diffusers' int() truncations, so the tile grid is the same
+        enc = (sample, int(sample * (1 - overlap)), int(latent * overlap), latent - int(latent * overlap))
+        dec = (latent, int(latent * (1 - overlap)), int(sample * overlap), sample - int(sample * overlap))
+        if enc[1] != enc[3] * f or dec[1] * f != dec[3] or dec[1] < 1:
+            raise ValueError(f"overlap {overlap} of a {sample} px tile is {latent * overlap:g} latent pixels; it must "
+                             f"be a whole number of latent pixels below {latent} (tile_sample_size / {f}) so the "
+                             f"tiles line up, e.g. overlap 0.25 with a tile that is a multiple of {4 * f} px")
+        return enc if kind == "encode" else dec
 
     @property
     def scaling_factor(self) -> float:
@@ -370,14 +461,28 @@ class AutoencoderKL(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"encode: image height and width must be divisible by {f} (the downsample factor), "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
-        h = self.encoder(x)  # (B, 2*latent_channels, H/f, W/f)
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_size:
+            plan = self._tile_plan("encode", self.tile_sample_size, self.tile_overlap)
+            return DiagonalGaussianDistribution(_run_tiled(x, self._encode_one, *plan))
+        return DiagonalGaussianDistribution(self._encode_one(x))
+
+    def _encode_one(self, x: Tensor) -> Tensor:
+        """(B, in_channels, H, W) -> encoder moments (B, 2*latent_channels, H/f, W/f) in one pass."""
+        h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
-        return DiagonalGaussianDistribution(h)
+        return h
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f), roughly in [-1, 1]."""
         self._check_input("decode", "z", z, self.config.latent_channels, "latent_channels")
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_sample_size // self.config.downsample_factor:
+            plan = self._tile_plan("decode", self.tile_sample_size, self.tile_overlap)
+            return _run_tiled(z, self._decode_one, *plan)
+        return self._decode_one(z)
+
+    def _decode_one(self, z: Tensor) -> Tensor:
+        """(B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f) in one pass."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
