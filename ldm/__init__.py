@@ -23,7 +23,8 @@ _EXPORTS = {
     # documented entry point. Model files never import weights_convert; this lazy seam is the one exception.
     "load_pipeline": "weights_convert.load",
 }
-_SUBMODULES = {"attention", "config", "schedulers", "research", "pipeline", "unet", "vae", "clip", "tokenizer"}
+_SUBMODULES = {"attention", "config", "schedulers", "research", "pipeline", "unet", "vae", "clip", "tokenizer",
+               "optimize"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -60,7 +61,7 @@ class StableDiffusionPipeline:
     """
 
     def __init__(self, *, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Callable,
-                 scheduler: Any, family: FamilyPreset) -> None:
+                 scheduler: Any, family: FamilyPreset, optimize: bool = False) -> None:
         if not isinstance(family, FamilyPreset):
             raise TypeError(f"family must be an ldm.config.FamilyPreset, got {type(family).__name__}")
         for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
@@ -75,6 +76,14 @@ class StableDiffusionPipeline:
                              f"({family.prediction_type!r})")
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler, self.family = tokenizer, scheduler, family
+        # The text encoder runs once per prompt: the last few prompt encodings, keyed on everything they depend on
+        # (see _encode_prompts). 0 turns the cache off.
+        self.prompt_cache_size = 8
+        self._prompt_cache: OrderedDict[tuple, tuple[Tensor, Tensor | None]] = OrderedDict()
+        self._warned_vae_upcast = False
+        self.levers = None  # the ldm.optimize.Levers pulled by optimize(), None on the eager pipeline
+        if optimize:
+            self.optimize()
 
     # ------------------------------------------------------------------------------------------------------------
     # Device and precision
@@ -99,6 +108,14 @@ class StableDiffusionPipeline:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
+
+    def optimize(self, **levers: Any) -> StableDiffusionPipeline:
+        """Pull the speed levers (ldm/optimize.py): channels_last, fused attention projections, torch.compile
+        with CUDA graphs, each switchable (`fuse=False`, `compile=False`, ...; None or absent: the device's
+        default). Call after `.to(device, dtype)`. Returns self."""
+        from ldm.optimize import optimize
+
+        return optimize(self, **levers)
 
     # ------------------------------------------------------------------------------------------------------------
     # The three entry points
@@ -291,15 +308,46 @@ class StableDiffusionPipeline:
         # As diffusers: the prompts, then the negatives (padded to as many 77-token chunks as the prompts, or the
         # prompts to theirs), each row repeated num_images_per_prompt times.
         guided = guidance_scale > 1
+        cond, uncond = self._encode_prompts(prompts, negatives if guided else None, clip_skip, weighting)
         if guided:
-            cond, uncond = encode_prompt_pair(self.tokenizer, self.text_encoder, prompts, negatives, clip_skip,
-                                              weighting)
             context = torch.cat([uncond.repeat_interleave(n_per_prompt, dim=0),
                                  cond.repeat_interleave(n_per_prompt, dim=0)])  # (2B, S, D)
         else:
-            context = self.encode_prompt(prompts, clip_skip, weighting).repeat_interleave(n_per_prompt, dim=0)
+            context = cond.repeat_interleave(n_per_prompt, dim=0)
         context = context.to(self.device, self.dtype)  # (2B or B, S, D)
         return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback)
+
+    def _encode_prompts(self, prompts: list[str], negatives: list[str] | None, clip_skip: int | None,
+                        weighting: bool) -> tuple[Tensor, Tensor | None]:
+        """(cond, uncond) text contexts; uncond is None without negatives (no guidance). From the prompt cache when
+        the same prompts were encoded before by the same, unchanged text encoder and tokenizer.
+
+        The key holds the prompts, negatives, clip_skip, weighting, the text encoder's device and dtype, and a
+        fingerprint of its weights: each parameter's storage pointer and version counter, which change on `.to()`,
+        on load_state_dict and on any in-place write, so a changed encoder never serves stale embeddings.
+        """
+        if self.prompt_cache_size <= 0:
+            return self._encode_uncached(prompts, negatives, clip_skip, weighting)
+        weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.text_encoder.parameters())
+        key = (tuple(prompts), None if negatives is None else tuple(negatives), clip_skip, weighting,
+               id(self.text_encoder), id(self.tokenizer), weights)
+        if key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
+            return self._prompt_cache[key]
+        value = self._encode_uncached(prompts, negatives, clip_skip, weighting)
+        self._prompt_cache[key] = value
+        while len(self._prompt_cache) > self.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)  # the least recently used
+        return value
+
+    def _encode_uncached(self, prompts: list[str], negatives: list[str] | None, clip_skip: int | None,
+                         weighting: bool) -> tuple[Tensor, Tensor | None]:
+        if negatives is None:
+            return self.encode_prompt(prompts, clip_skip, weighting), None
+        return encode_prompt_pair(self.tokenizer, self.text_encoder, prompts, negatives, clip_skip, weighting)
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
 
     def _scheduler(self, scheduler: Any) -> Any:
         """None: the pipeline's own; a name: that class from the model's scheduler config; else the object given."""
@@ -358,13 +406,16 @@ class StableDiffusionPipeline:
         """Latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], float32.
 
         In fp16 the SD VAE decoder can overflow (inf, then NaN) on some latents; then it decodes again in fp32
-        and says so (diffusers' `force_upcast` decides up front; checking the result costs nothing when it works).
+        and says so, once per pipeline (diffusers' `force_upcast` decides up front; checking the result costs one
+        reduction when it works). The module is upcast in place for the retry and cast back (memory format kept).
         """
         z = latents / self.vae.config.scaling_factor
         images = self.vae.decode(z)
         if not bool(torch.isfinite(images).all()) and images.dtype != torch.float32:
-            warnings.warn(f"VAE decoding in {images.dtype} overflowed (inf/NaN); decoding again in float32",
-                          RuntimeWarning, stacklevel=3)
+            if not self._warned_vae_upcast:
+                warnings.warn(f"VAE decoding in {images.dtype} overflowed (inf/NaN); decoding again in float32 "
+                              f"(said once per pipeline)", RuntimeWarning, stacklevel=3)
+                self._warned_vae_upcast = True
             dtype = images.dtype
             self.vae.float()
             try:
