@@ -21,9 +21,9 @@ row's softmax is independent of the others, so the result equals the unchunked o
 matrix-multiply kernels pick for a given number of rows: bit for bit with "math" when every piece has a multiple of
 8 rows (x86 CPU BLAS, tested), within 1e-6 relative in fp32 otherwise, for both backends. It costs a Python loop of
 ceil(L / n) kernel calls. It matters where the full score matrix would be materialised: the "math" backend (its fp32 scores are
-4*L*S bytes per head: 1 GiB for the VAE's 1-head mid attention on a 1024 px image, L = S = 128*128), SDPA's math
-fallback (CPU, or CUDA inputs the flash / memory-efficient kernels reject), and fp32-upcast layers. SDPA's flash
-and memory-efficient kernels on CUDA already never hold (L, S). Chunking is set per layer, like a processor:
+4*L*S bytes per head: 1 GiB for the VAE's 1-head mid attention on a 1024 px image, L = S = 128*128, and the
+softmax makes a second), SDPA's math fallback (for inputs its fused kernels do not take), and fp32-upcast layers.
+SDPA's fused kernels (flash / memory-efficient on CUDA, flash on CPU) already never hold (L, S). Chunking is set per layer, like a processor:
 `set_attention_chunk(model, n, where=...)` sets `AttentionLayer.chunk`, which `attend()` uses when no processor is
 installed (a processor receives the whole q and decides for itself).
 
