@@ -196,7 +196,11 @@ def apply_ours(pipe: Any, levers: dict[str, Any], args: argparse.Namespace) -> N
     if levers.get("cache") is False:
         pipe.prompt_cache_size = 0
     if levers.get("optimize"):
-        pipe.optimize(cache_dir=args.cache_dir, compile_mode=args.compile_mode if args.device == "cuda" else None)
+        if args.device == "cuda":  # the CUDA defaults, in the asked compile mode (graphs if the mode has them)
+            graphs = args.compile_mode in ("reduce-overhead", "max-autotune")
+            pipe.optimize(cache_dir=args.cache_dir, compile_mode=args.compile_mode, cuda_graphs=graphs)
+        else:
+            pipe.optimize(cache_dir=args.cache_dir, compile=True)
         return
     if levers.get("channels_last"):
         opt.to_channels_last(pipe.unet, pipe.vae)
@@ -402,7 +406,17 @@ def main() -> None:
             results.append({"variant": name, "skipped": "--smoke" if args.smoke else "--no-compile"})
             continue
         t0 = time.perf_counter()
-        results.append(run_variant(name, model, args, dtype))
+        try:
+            results.append(run_variant(name, model, args, dtype))
+        except Exception as e:  # one failing variant (e.g. a compile error) must not lose the others' figures
+            if name == REF_VARIANTS[0] or args.smoke:
+                raise
+            reason = " ".join(str(e).split())[:200]
+            results.append({"variant": name, "skipped": f"failed: {type(e).__name__}: {reason}"})
+            gc.collect()
+            torch._dynamo.reset()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     title = (f"{'smoke (tiny model, CPU)' if args.smoke else model.family}: {model.size}x{model.size}, "

@@ -240,18 +240,18 @@ def test_vae_fp16_overflow_decodes_again_in_fp32_and_warns_once():
 
 
 def test_cli_optimize_on_cpu_gives_the_same_image(tmp_path):
+    from PIL import Image
+
     from ldm.cli import main
 
-    pipe = tiny_pipeline()
     folder = _save_diffusers_folder(tmp_path)
     outs = []
     for extra in ([], ["--optimize"]):
         out = tmp_path / f"img{len(outs)}.png"
         assert main(["generate", "a photo of a cat", "--model", str(folder), "--out", str(out), "--steps", "2",
                      "--seed", "1", "--device", "cpu", *extra]) == 0
-        outs.append(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out), dtype=np.int16))
-    assert np.abs(outs[0] - outs[1]).max() <= 1
-    del pipe
+        outs.append(np.asarray(Image.open(out), dtype=np.int16))
+    assert np.abs(outs[0] - outs[1]).max() <= 1  # fusing reorders float sums: at most one level on a boundary
 
 
 def _save_diffusers_folder(tmp_path: Path) -> Path:
