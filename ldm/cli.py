@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed levers (ldm/optimize.py): on cuda channels_last, fused attention projections and "
                         "torch.compile with CUDA graphs (the first image pays the compile, reported on stderr; "
                         "cached in ~/.cache/ldm/inductor); on cpu fused projections only")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="encode/decode images larger than the VAE's tile (its sample size, 512 px for SD 1.x) in "
+                        "overlapping, blended tiles: VAE memory follows the tile, not the image (the image "
+                        "changes slightly; ~1.7x VAE work)")
+    g.add_argument("--attention-chunk", type=int, metavar="N", default=None,
+                   help="attention over N query rows at a time in the UNet and the VAE: same image, smaller peak "
+                        "memory where the full score matrix would be built, more kernel calls (e.g. 1024)")
     g.add_argument("--attention-maps", metavar="DIR", default=None,
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
     g.set_defaults(run=generate)
@@ -134,6 +141,10 @@ def generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
 
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    if args.attention_chunk is not None:
+        pipe.enable_attention_chunking(args.attention_chunk)
     if args.optimize:
         _optimize(pipe, args)
 
@@ -219,7 +230,8 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
         if value is not None and (value < 8 or value % 8):
             raise UsageError(f"--{name} must be a positive multiple of 8, got {value}")
     for flag, value, minimum in (("--steps", args.steps, 1), ("--num-images", args.num_images, 1),
-                                 ("--threads", args.threads, 1), ("--clip-skip", args.clip_skip, 1)):
+                                 ("--threads", args.threads, 1), ("--clip-skip", args.clip_skip, 1),
+                                 ("--attention-chunk", args.attention_chunk, 1)):
         if value is not None and value < minimum:
             raise UsageError(f"{flag} must be >= {minimum}, got {value}")
     if not args.guidance >= 0:

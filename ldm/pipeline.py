@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ldm import schedulers
+from ldm.attention import set_attention_chunk
 from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
 from ldm.research.weighting import encode_prompt as encode_weighted
@@ -116,6 +117,44 @@ class StableDiffusionPipeline:
         from ldm.optimize import optimize
 
         return optimize(self, **levers)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Memory for large images (diffusers' method names; docs/pipeline.md, "Large images and memory")
+
+    def enable_vae_tiling(self, tile_sample_size: int | None = None, overlap: float = 0.25) -> None:
+        """Encode and decode images larger than one tile (default: the VAE's sample_size, 512 px for SD 1.x) tile
+        by tile, cross-fading the overlaps (ldm/vae.py, diffusers' tiled_encode / tiled_decode). Every path of the
+        pipeline goes through it: txt2img's decode, img2img's and inpainting's encodes, the fp32 retry.
+
+        Trade-off: VAE memory follows the tile size, not the image size; the image changes a little (GroupNorm
+        statistics and the mid attention see one tile, seams are blended, not exact) and the overlaps cost about
+        1.6-1.8x the VAE's work. Images that fit in one tile are untouched.
+        """
+        self.vae.enable_tiling(tile_sample_size, overlap)
+
+    def disable_vae_tiling(self) -> None:
+        """Back to one encoder/decoder pass over the whole image."""
+        self.vae.disable_tiling()
+
+    def enable_attention_chunking(self, chunk: int = 1024) -> None:
+        """Run every attention layer of the UNet and the VAE on at most `chunk` query rows at a time
+        (ldm.attention.set_attention_chunk), so at most a (chunk, S) block of scores exists per head.
+
+        Trade-off: the result is the same (each query row's softmax is independent of the others; equal up to
+        the summation order of the matrix kernels), at the cost of ceil(L / chunk) kernel calls per layer
+        instead of one. It saves memory where the whole score matrix would be built: the "math" backend, SDPA's
+        math fallback (e.g. the VAE's 512-wide single head) and fp32-upcast layers; SDPA's fused kernels never
+        build it. Layers with a research processor installed ignore it.
+        """
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int (query rows per kernel call), got {chunk!r}")
+        for module in (self.unet, self.vae):
+            set_attention_chunk(module, chunk)
+
+    def disable_attention_chunking(self) -> None:
+        """Back to one kernel call per attention layer (UNet and VAE)."""
+        for module in (self.unet, self.vae):
+            set_attention_chunk(module, None)
 
     # ------------------------------------------------------------------------------------------------------------
     # The three entry points
@@ -408,6 +447,7 @@ class StableDiffusionPipeline:
         In fp16 the SD VAE decoder can overflow (inf, then NaN) on some latents; then it decodes again in fp32
         and says so, once per pipeline (diffusers' `force_upcast` decides up front; checking the result costs one
         reduction when it works). The module is upcast in place for the retry and cast back (memory format kept).
+        Both passes go through `vae.decode`, so VAE tiling (enable_vae_tiling) applies to the retry as well.
         """
         z = latents / self.vae.config.scaling_factor
         images = self.vae.decode(z)
