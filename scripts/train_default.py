@@ -4,7 +4,7 @@ Run once, on an otherwise idle machine (2 CPU cores are enough; estimated 35-60 
 
     python scripts/train_default.py [--out runs/default] [--threads 2] [--resume runs/default/checkpoint.safetensors]
 
-It trains TrainConfig's defaults (VAE 1,200 steps at batch 16 on 32 px crops, then UNet + CLIP 3,000 steps at
+It trains TrainConfig's defaults (VAE 6,000 steps at batch 16 on 32 px crops, then UNet + CLIP 4,000 steps at
 batch 32), prints a time estimate after the first steps of each stage, then copies the exported fp16 model folder
 to ldm/data/shapes-model/ (checked to be <= 20 MB) and the pictures for docs/training.md to docs/images/train_*.
 Stop it with Ctrl-C at any time and continue with --resume: the result is the same model.
@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/default", help="the run folder (checkpoint, samples, curve)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint")
+    parser.add_argument("--unet-steps", type=int, default=None,
+                        help="with --resume: extend the run to this many UNet steps (see docs/training.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -41,7 +43,8 @@ def main() -> None:
             print(f"\nstep {step}: {per_step:.2f} s/step so far; stage total estimate "
                   f"{per_step * (cfg.vae_steps if step < cfg.vae_steps else cfg.unet_steps) / 60:.1f} min")
 
-    trainer = Trainer(None if args.resume else TrainConfig(out_dir=args.out), resume=args.resume, callback=report)
+    cfg = TrainConfig(out_dir=args.out, **({} if args.unet_steps is None else {"unet_steps": args.unet_steps}))
+    trainer = Trainer(cfg, resume=args.resume, callback=report)
     model = trainer.run()
     size = sum(p.stat().st_size for p in model.rglob("*.safetensors"))
     print(f"trained in {(time.perf_counter() - started) / 60:.1f} min; weights {size / 2**20:.1f} MiB")

@@ -264,6 +264,23 @@ def test_resume_with_other_settings_or_truncated_file(tmp_path):
         Trainer(resume=tmp_path / "holed.safetensors")
 
 
+def test_extending_a_finished_run_with_more_unet_steps(tmp_path):
+    first = Trainer(tiny(tmp_path / "run"), progress=False)
+    assert first.run() is not None  # finished: 3 + 3 steps, model exported
+    before = {k: v.clone() for k, v in first.unet.state_dict().items()}
+    with pytest.raises(ValueError, match="differs in: unet_steps"):  # fewer steps is not an extension
+        Trainer(tiny(tmp_path / "run", unet_steps=2), resume=first.checkpoint_path)
+    with pytest.raises(ValueError, match="differs in: unet_steps, batch_size"):  # only unet_steps may grow
+        Trainer(tiny(tmp_path / "run", unet_steps=5, batch_size=3), resume=first.checkpoint_path)
+    longer = Trainer(tiny(tmp_path / "run", unet_steps=5), resume=first.checkpoint_path, progress=False)
+    assert (longer.step, longer.cfg.total_steps) == (6, 8)
+    assert longer.run() is not None
+    assert len(longer.history.unet) == 5 and longer.history.unet[:3] == first.history.unet
+    assert any(not torch.equal(before[k], v) for k, v in longer.unet.state_dict().items())
+    _, meta = load_state(longer.checkpoint_path)
+    assert meta["config"]["unet_steps"] == 5  # a later --resume continues the extended run
+
+
 def test_bad_settings(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

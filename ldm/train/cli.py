@@ -16,8 +16,8 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the run folder: checkpoint, samples, loss curve, model/")
     p.add_argument("--resume", default=None, help="a checkpoint.safetensors of a stopped run to continue")
-    p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 1200)")
-    p.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder steps (default 3000)")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 6000)")
+    p.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder steps (default 4000)")
     p.add_argument("--batch-size", type=int, default=None, help="UNet-stage batch size (default 32)")
     p.add_argument("--seed", type=int, default=None, help="the run's seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")

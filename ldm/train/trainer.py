@@ -68,8 +68,8 @@ class TrainConfig:
     out_dir: str  # checkpoint.safetensors, loss_curve.png, samples/, model/ (the exported diffusers folder)
     seed: int = 0
     image_size: int = 64
-    vae_steps: int = 1200
-    unet_steps: int = 3000
+    vae_steps: int = 6000
+    unet_steps: int = 4000
     vae_batch_size: int = 16
     batch_size: int = 32
     vae_crop: int = 32  # the VAE is fully convolutional: it trains on random crops (4x cheaper at 64 -> 32)
@@ -226,6 +226,12 @@ class Trainer:
         state, meta = load_state(resume) if resume is not None else ({}, {})
         if resume is not None:
             saved = TrainConfig.from_json(meta["config"])
+            # Extending a run: more UNet steps than the checkpoint was written for is allowed. The cosine schedule
+            # is then stretched over the new total from the resume point on (a warm restart), so the result is
+            # not the model a run configured that long from the start would give.
+            extended = cfg is not None and cfg.unet_steps > saved.unet_steps
+            if extended and replace(cfg, out_dir=saved.out_dir, unet_steps=saved.unet_steps) == saved:
+                saved = replace(saved, unet_steps=cfg.unet_steps)
             if cfg is not None and replace(cfg, out_dir=saved.out_dir) != saved:
                 diff = [f.name for f in dataclasses.fields(cfg)
                         if f.name != "out_dir" and getattr(cfg, f.name) != getattr(saved, f.name)]
