@@ -7,7 +7,6 @@ The model is a tiny random pipeline saved by diffusers as a model folder (the la
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +19,7 @@ from PIL import Image
 import ldm
 from ldm.cli import main
 from ldm.images import parse_parameters, read_parameters
-from tests.helpers import TOKENIZER_DIR, diffusers_config, trained_like_
-from tests.test_pipeline import CLIP, UNET, VAE, assert_images_close, disc_mask, picture
+from tests.test_pipeline import assert_images_close, disc_mask, picture, save_tiny_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,21 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny SD 1.x model saved in the diffusers folder layout."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=trained_like_(diffusers.UNet2DConditionModel(**UNET), seed=1),
-        vae=trained_like_(diffusers.AutoencoderKL(**VAE), seed=2),
-        text_encoder=trained_like_(CLIPTextModel(CLIPTextConfig(**CLIP)), seed=3),
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15"),
-        scheduler=diffusers.PNDMScheduler.from_config(diffusers_config("sd15", "scheduler")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 saves only tokenizer.json; the official model folders ship vocab.json + merges.txt as well
-    shutil.copytree(TOKENIZER_DIR / "sd15", folder / "tokenizer", dirs_exist_ok=True)
-    return folder
+    return save_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 def generate(model_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

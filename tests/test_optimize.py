@@ -29,6 +29,7 @@ from ldm import optimize as opt
 from ldm.config import CLIPTextConfig, UNetConfig, VAEConfig
 from ldm.unet import Attention, UNet2DConditionModel
 from tests.helpers import TOKENIZER_DIR, diffusers_config, rel_err, trained_like_
+from tests.test_pipeline import save_tiny_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -244,7 +245,7 @@ def test_cli_optimize_on_cpu_gives_the_same_image(tmp_path):
 
     from ldm.cli import main
 
-    folder = _save_diffusers_folder(tmp_path)
+    folder = save_tiny_model_folder(tmp_path / "tiny-sd")
     outs = []
     for extra in ([], ["--optimize"]):
         out = tmp_path / f"img{len(outs)}.png"
@@ -252,31 +253,6 @@ def test_cli_optimize_on_cpu_gives_the_same_image(tmp_path):
                      "--seed", "1", "--device", "cpu", *extra]) == 0
         outs.append(np.asarray(Image.open(out), dtype=np.int16))
     assert np.abs(outs[0] - outs[1]).max() <= 1  # fusing reorders float sums: at most one level on a boundary
-
-
-def _save_diffusers_folder(tmp_path: Path) -> Path:
-    """A tiny SD 1.x model folder in diffusers' layout (as tests/test_cli.py makes one)."""
-    import shutil
-
-    import diffusers
-    from transformers import CLIPTextConfig as RefCLIPConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from tests.test_pipeline import CLIP as REF_CLIP
-    from tests.test_pipeline import UNET as REF_UNET
-    from tests.test_pipeline import VAE as REF_VAE
-
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=trained_like_(diffusers.UNet2DConditionModel(**REF_UNET), seed=1),
-        vae=trained_like_(diffusers.AutoencoderKL(**REF_VAE), seed=2),
-        text_encoder=trained_like_(CLIPTextModel(RefCLIPConfig(**REF_CLIP)), seed=3),
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15"),
-        scheduler=diffusers.PNDMScheduler.from_config(diffusers_config("sd15", "scheduler")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    folder = tmp_path / "tiny-sd"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.copytree(TOKENIZER_DIR / "sd15", folder / "tokenizer", dirs_exist_ok=True)
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -133,6 +134,28 @@ def disc_mask(size: int = SIZE) -> Image.Image:
 
 # ----------------------------------------------------------------------------------------------------------------
 # End to end against diffusers
+
+
+def save_tiny_model_folder(folder: Path) -> Path:
+    """The tiny SD 1.x model (random, trained-like weights) saved by diffusers in its model-folder layout: what
+    `ldm.load_pipeline` and `ldm generate --model` read."""
+    import shutil
+
+    import diffusers
+    from transformers import CLIPTextConfig as RefCLIPTextConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=trained_like_(diffusers.UNet2DConditionModel(**UNET), seed=1),
+        vae=trained_like_(diffusers.AutoencoderKL(**VAE), seed=2),
+        text_encoder=trained_like_(CLIPTextModel(RefCLIPTextConfig(**CLIP)), seed=3),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15"),
+        scheduler=diffusers.PNDMScheduler.from_config(diffusers_config("sd15", "scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; the official model folders ship vocab.json + merges.txt as well
+    shutil.copytree(TOKENIZER_DIR / "sd15", folder / "tokenizer", dirs_exist_ok=True)
+    return folder
 
 
 @pytest.mark.parametrize("scheduler,eta", [("ddim", 0.0), ("lms", 0.0), ("ddim", 0.5)])
