@@ -1,4 +1,4 @@
-"""Peak CPU memory of the SD 1.5 VAE decode and of its mid attention, with and without tiling / query chunking.
+"""Peak memory with and without VAE tiling / attention chunking: SD 1.5 VAE parts on the CPU, txt2img on a GPU.
 
 Each case runs in a fresh subprocess so peaks do not mix. The measure is the process's peak resident set size
 (getrusage ru_maxrss) during the measured call minus the resident set just before it (model and inputs already
