@@ -122,9 +122,9 @@ def build_sd15(device: str, dtype: torch.dtype) -> Any:
              "text_encoder": ldm.CLIPTextModel(ldm.SD15.text)}
     for seed, module in enumerate(parts.values()):
         trained_like_(module, seed=seed).eval()
+    scheduler = ldm.schedulers.from_name("ddim", diffusers_config("sd15", "scheduler"))
     pipe = ldm.StableDiffusionPipeline(**parts, tokenizer=ldm.CLIPTokenizer.from_dir(TOKENIZER_DIR / "sd15"),
-                                       scheduler=ldm.schedulers.from_name("ddim", diffusers_config("sd15", "scheduler")),
-                                       family=ldm.SD15)
+                                       scheduler=scheduler, family=ldm.SD15)
     return pipe.to(device, dtype)
 
 

@@ -4,7 +4,8 @@ On the tiny random pipeline of tests/test_pipeline.py (trained-like weights shar
 - `enable_attention_chunking` reaches every attention layer of the UNet and the VAE, no kernel call sees more
   rows than the chunk, and the image is the one without chunking: final latents within CHUNK_TOL (each query row's
   softmax is the same arithmetic; only the BLAS summation order of a piece changes, <= 1e-6 relative per call
-  (tests/test_memory.py), which a few sampler steps amplify by at most ~10x; observed 0 here), images by the pipeline contract.
+  (tests/test_memory.py), which a few sampler steps amplify by at most ~10x; observed 0 here), images by the
+  pipeline contract.
 - With `enable_vae_tiling` and a 32 px tile (4x4 latents, 1 latent pixel of overlap) a 64x80 image decodes as a
   3 x 4 grid of tiles; txt2img and img2img then match diffusers' pipelines with `vae.enable_tiling()` and the same
   tile settings by the pipeline contract (LATENT_TOL for latents, at most 1 uint8 level on at most 0.1% of values;
