@@ -24,7 +24,6 @@ latent-pixel tiles), so no honest fidelity bound exists without trained weights;
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,13 +45,7 @@ TILED_TOL = 1e-5  # the parity contract for VAE components; observed ~1.3e-6 (mi
 VAE_CFG = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These tensors are tiny: with two threads on a busy 2-core machine OpenMP's waiting costs 50x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def qkv(L: int, S: int, seed: int = 0, B: int = 2, heads: int = 3, hd: int = 16) -> tuple[torch.Tensor, ...]:

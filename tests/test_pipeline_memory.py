@@ -45,13 +45,7 @@ TILE = 32  # px: 4x4 latent tiles, overlap 0.25 = 1 latent pixel (8 px on the en
 HEIGHT, WIDTH = 64, 80  # 8x10 latents: tiles start every 3 latent pixels -> a 3 x 4 grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: with two threads on a busy 2-core machine OpenMP's waiting costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

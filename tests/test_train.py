@@ -42,14 +42,7 @@ def tiny(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine, two OpenMP threads competing with other jobs run 10-50x slower;
-    and bitwise determinism is promised for a fixed thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def state(trainer: Trainer) -> dict[str, torch.Tensor]:
