@@ -1,13 +1,15 @@
 """Train the model the project ships (`ldm generate` without --model) and copy it into the package.
 
-Run once, on an otherwise idle machine (2 CPU cores are enough; estimated 35-60 minutes, see docs/training.md):
+Run on an otherwise idle machine (2 CPU cores are enough; about 31 minutes in all, see docs/training.md):
 
-    python scripts/train_default.py [--out runs/default] [--threads 2] [--resume runs/default/checkpoint.safetensors]
+    python scripts/train_default.py [--out runs/default] [--threads 2]
+    python scripts/train_default.py --resume runs/default/checkpoint.safetensors --unet-steps 6000
 
-It trains TrainConfig's defaults (VAE 6,000 steps at batch 16 on 32 px crops, then UNet + CLIP 4,000 steps at
-batch 32), prints a time estimate after the first steps of each stage, then copies the exported fp16 model folder
-to ldm/data/shapes-model/ (checked to be <= 20 MB) and the pictures for docs/training.md to docs/images/train_*.
-Stop it with Ctrl-C at any time and continue with --resume: the result is the same model.
+The first command trains TrainConfig's defaults (VAE 6,000 steps at batch 16 on 32 px crops, then UNet + CLIP 4,000
+steps at batch 32); the second extends the finished run to 6,000 UNet steps, as the shipped model was made. Each
+prints a time estimate after the first steps of a stage, then copies the exported fp16 model folder to
+ldm/data/shapes-model/ (checked to be <= 20 MB) and the pictures for docs/training.md to docs/images/train_*.
+Stop it at any time (Ctrl-C, or SIGTERM) and continue with --resume: the result is the same model.
 """
 
 from __future__ import annotations
