@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimize", action="store_true",
                    help="speed levers (ldm/optimize.py): on cuda channels_last, fused attention projections and "
                         "torch.compile with CUDA graphs (the first image pays the compile, reported on stderr; "
-                        "cached in ~/.cache/ldm/inductor); on cpu fused projections only")
+                        "cached in ~/.cache/ldm/inductor); on cpu none (none measured faster there)")
     g.add_argument("--vae-tiling", action="store_true",
                    help="encode/decode images larger than the VAE's tile (its sample size, 512 px for SD 1.x) in "
                         "overlapping, blended tiles: VAE memory follows the tile, not the image (the image "

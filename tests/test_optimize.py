@@ -182,7 +182,7 @@ def test_optimize_cpu_defaults_and_bad_combinations():
     eager = pipe("a red circle", seed=3, num_inference_steps=2, output_type="np").images
     assert pipe.optimize() is pipe
     assert pipe.levers == opt.default_levers("cpu")
-    assert pipe.levers.fuse and not (pipe.levers.compile or pipe.levers.cuda_graphs or pipe.levers.channels_last)
+    assert not (pipe.levers.fuse or pipe.levers.compile or pipe.levers.cuda_graphs or pipe.levers.channels_last)
     assert pipe.unet.compiled_network is None
     fast = pipe("a red circle", seed=3, num_inference_steps=2, output_type="np").images
     assert np.abs(fast - eager).max() <= 1e-4
