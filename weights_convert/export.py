@@ -6,12 +6,13 @@ Writes `model_index.json`, `unet/`, `vae/`, `text_encoder/` (config.json + safet
 file name when given, e.g. `model.fp16.safetensors`), `scheduler/scheduler_config.json` and `tokenizer/`. Our
 state-dict keys are diffusers' (UNet, VAE) and the official text_encoder/model.safetensors layout (`text_model.`),
 so the weights need no mapping; the configs are written from our frozen config dataclasses. Each file is streamed
-one tensor at a time.
+one tensor at a time, into a folder renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -51,12 +52,32 @@ def _tokenizer(tokenizer: Any, folder: Path) -> None:
                                                    tokenizer.model_max_length, "do_lower_case": True, **special})
 
 
-def export_diffusers(parts: Components, out_dir: str | Path, dtype: torch.dtype | None = None,
-                     variant: str | None = None) -> Path:
-    """Write `parts` as a diffusers Stable Diffusion folder; dtype casts the weights (None: as loaded)."""
+def export_diffusers(parts: Components | Any, out_dir: str | Path, dtype: torch.dtype | None = None,
+                     variant: str | None = None, replace: bool = False) -> Path:
+    """Write `parts` as a diffusers Stable Diffusion folder; dtype casts the weights (None: as loaded).
+
+    `parts`: loaded Components, or anything with the same unet / vae / text_encoder / tokenizer / scheduler /
+    family attributes (a StableDiffusionPipeline: ldm.train exports its trained pipelines through here). The folder
+    is written next to `out_dir` and renamed into place, so a stopped export never leaves a half-written model where
+    a loader would find it. An existing non-empty `out_dir` is an error unless `replace=True`.
+    """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()) and not replace:
         raise FileExistsError(f"{out}: exists and is not empty; export writes a fresh folder")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_folder(parts, tmp, dtype, variant)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_folder(parts: Any, out: Path, dtype: torch.dtype | None, variant: str | None) -> None:
     mid = f".{variant}" if variant else ""
     weights_dtype = dtype or next(parts.unet.parameters()).dtype
     _write_json(out / "unet" / "config.json", parts.family.unet.to_diffusers())
@@ -66,7 +87,7 @@ def export_diffusers(parts: Components, out_dir: str | Path, dtype: torch.dtype 
     _write_json(out / "text_encoder" / "config.json", parts.family.text.to_transformers(
         str(weights_dtype).removeprefix("torch.")))
     _write_weights(parts.text_encoder, out / "text_encoder" / f"model{mid}.safetensors", dtype)
-    scheduler = {k: v for k, v in dict(parts.scheduler.config).items()}
+    scheduler = {k: v for k, v in dict(parts.scheduler.config).items() if k != "_use_default_values"}
     scheduler.setdefault("_class_name", type(parts.scheduler).__name__)
     _write_json(out / "scheduler" / "scheduler_config.json", scheduler)
     _tokenizer(parts.tokenizer, out / "tokenizer")
@@ -76,4 +97,3 @@ def export_diffusers(parts: Components, out_dir: str | Path, dtype: torch.dtype 
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
         "feature_extractor": [None, None], "requires_safety_checker": False})
-    return out
