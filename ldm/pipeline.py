@@ -146,9 +146,7 @@ class StableDiffusionPipeline:
         math fallback (e.g. the VAE's 512-wide single head) and fp32-upcast layers; SDPA's fused kernels never
         build it. Layers with a research processor installed ignore it.
         """
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be a positive int (query rows per kernel call), got {chunk!r}")
-        for module in (self.unet, self.vae):
+        for module in (self.unet, self.vae):  # a bad chunk raises on the UNet, before any layer changes
             set_attention_chunk(module, chunk)
 
     def disable_attention_chunking(self) -> None:
@@ -166,7 +164,8 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
                  callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
                  weighting: bool = True) -> PipelineOutput:
-        """Text to image. height/width default to the family's native size (512; 768 for sd21-v).
+        """Text to image. height/width default to the model's size (`family.native_size`: 512, 768 for sd21-v;
+        a diffusers folder's is its unet.sample_size x the VAE's factor, 64 for the packaged shapes model).
 
         seed=S gives image i the generator manual_seed(S + i) (diffusers' list-of-generators convention);
         `generator` is used as diffusers uses it. `scheduler`: an object, or a name from `ldm.schedulers` built
