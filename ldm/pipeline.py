@@ -40,8 +40,8 @@ from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
 from ldm.research.weighting import encode_prompt as encode_weighted
 from ldm.research.weighting import encode_prompt_pair
+from ldm.rng import Generator, randn, seed_generators
 
-Generator = Union[torch.Generator, list[torch.Generator], None]
 Callback = Callable[[int, Tensor, Tensor], Union[bool, None]]
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -337,7 +337,7 @@ class StableDiffusionPipeline:
         if not isinstance(weighting, bool):
             raise TypeError(f"weighting must be a bool, got {type(weighting).__name__}")
         batch = len(prompts) * n_per_prompt
-        generator, seeds = _generators(seed, generator, batch)
+        generator, seeds = seed_generators(seed, generator, batch)
 
         sched = self._scheduler(scheduler)
         sched.set_timesteps(steps)
@@ -477,40 +477,6 @@ class _Run:
     scheduler: Any
     step_kwargs: dict[str, Any]
     callback: Callback | None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Random draws, as diffusers draws them
-
-
-def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Standard normal noise with diffusers' `randn_tensor` rules: drawn on a CPU generator's device, then moved;
-    a list gives row i from generator i; a one-element list is a single generator."""
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.cat(rows).to(device)
-    draw_device = device if generator is None else generator.device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
-
-
-def _generators(seed: int | None, generator: Generator, batch: int) -> tuple[Generator, list[int] | None]:
-    """seed=S -> [manual_seed(S + i) for each image]; a generator (or list) is used as given."""
-    if seed is not None and generator is not None:
-        raise ValueError("give either seed= or generator=, not both")
-    if seed is not None:
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**63 - batch:
-            raise ValueError(f"seed must be an int in [0, 2**63 - {batch}), got {seed!r}")
-        seeds = [int(seed) + i for i in range(batch)]
-        return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
-    if isinstance(generator, list):
-        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError(f"generator: a list must hold one torch.Generator per image ({batch}), "
-                             f"got {len(generator)} items")
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, a list of them, or None, got {type(generator).__name__}")
-    return generator, None
 
 
 def _step_kwargs(scheduler: Any, generator: Generator, eta: float) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ldm.attention import AttentionLayer
 from ldm.config import VAEConfig
+from ldm.rng import randn
 
 _EPS = 1e-6  # every GroupNorm of the VAE (diffusers: resnet_eps=1e-6)
 
@@ -304,7 +305,7 @@ class DiagonalGaussianDistribution:
         Same shape, dtype and generator; drawn on the generator's device when that is the CPU (then moved), so a
         CPU generator gives the same latents on any device; a list holds one generator per batch item.
         """
-        noise = _randn_like_diffusers(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
+        noise = randn(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
         return self.mean + self.std * noise
 
     def kl(self, other: DiagonalGaussianDistribution | None = None) -> Tensor:
@@ -315,36 +316,6 @@ class DiagonalGaussianDistribution:
             (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
             dim=[1, 2, 3],
         )
-
-
-def _randn_like_diffusers(
-    shape: torch.Size,
-    generator: torch.Generator | list[torch.Generator] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Standard normal noise of `shape`, the same draws as diffusers.utils.torch_utils.randn_tensor."""
-    rand_device = device
-    if isinstance(generator, list):
-        if len(generator) not in (1, shape[0]):  # a list of one acts as that one generator (as diffusers)
-            raise ValueError(f"sample: got a list of {len(generator)} generators for a batch of {shape[0]}; "
-                             f"pass one generator per batch item (or a single one)")
-        gen_device = generator[0].device
-    elif generator is None or isinstance(generator, torch.Generator):
-        gen_device = None if generator is None else generator.device
-    else:
-        raise TypeError(f"sample: generator must be a torch.Generator, a list of them, or None, "
-                        f"got {type(generator).__name__}")
-    if gen_device is not None and gen_device.type != device.type:
-        if gen_device.type != "cpu":
-            raise ValueError(f"sample: cannot draw a {device.type} tensor from a {gen_device.type} generator")
-        rand_device = torch.device("cpu")  # CPU generator: draw on the CPU, then move (reproducible everywhere)
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        draws = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(draws, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
 def _blend_into(a: Tensor, b: Tensor, extent: int, dim: int) -> None:

@@ -30,7 +30,6 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers also knows "sample" (x0) / "flow_prediction": not here
 
-Generator = torch.Generator | list[torch.Generator] | None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,23 +123,6 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return ((1 - w) * low_idx + w * high_idx).reshape(sigmas.shape)
-
-
-def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian noise drawn exactly as diffusers' `randn_tensor`: a CPU generator draws on the CPU and the result
-    moves to `device`; a list of generators draws one batch item each."""
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    first = generator[0] if isinstance(generator, list) else generator
-    rand_device = "cpu" if first is not None and first.device.type == "cpu" else device
-    if first is not None and first.device.type != torch.device(device).type and first.device.type != "cpu":
-        raise ValueError(f"generator: cannot draw a {device} tensor from a {first.device.type} generator")
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator: expected {shape[0]} generators (the batch size), got {len(generator)}")
-        draws = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(draws, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
 def broadcast_to(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, Scheduler, broadcast_to, make_betas
-from .common import randn, spaced_timesteps
+from ldm.rng import Generator, randn
+
+from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Scheduler, broadcast_to, make_betas
+from .common import spaced_timesteps
 
 
 class DDIMScheduler(Scheduler):

@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, SigmaScheduler, karras_sigmas
-from .common import make_betas, spaced_sigmas, randn, sigma_to_t
+from ldm.rng import Generator, randn
+
+from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, SigmaScheduler, karras_sigmas
+from .common import make_betas, sigma_to_t, spaced_sigmas
 
 
 class EulerDiscreteScheduler(SigmaScheduler):

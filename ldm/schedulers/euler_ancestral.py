@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, SigmaScheduler, make_betas
-from .common import randn, spaced_sigmas
+from ldm.rng import Generator, randn
+
+from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, SigmaScheduler, make_betas
+from .common import spaced_sigmas
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):

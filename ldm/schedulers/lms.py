@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, SigmaScheduler, karras_sigmas
+from ldm.rng import Generator
+
+from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, SigmaScheduler, karras_sigmas
 from .common import make_betas, spaced_sigmas, sigma_to_t
 
 

@@ -24,7 +24,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Generator, Scheduler, broadcast_to, make_betas
+from ldm.rng import Generator
+
+from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Scheduler, broadcast_to, make_betas
 from .common import spaced_timesteps
 
 
