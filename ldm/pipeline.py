@@ -38,8 +38,8 @@ from ldm import schedulers
 from ldm.attention import set_attention_chunk
 from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
-from ldm.research.weighting import encode_prompt as encode_weighted
-from ldm.research.weighting import encode_prompt_pair
+from ldm.prompts import encode_prompt as encode_weighted
+from ldm.prompts import encode_prompt_pair
 from ldm.rng import Generator, randn, seed_generators
 
 Callback = Callable[[int, Tensor, Tensor], Union[bool, None]]
@@ -300,7 +300,7 @@ class StableDiffusionPipeline:
 
     def encode_prompt(self, prompts: list[str], clip_skip: int | None = None, weighting: bool = True) -> Tensor:
         """Prompts -> text context (len(prompts), 77*k, D): k chunks of 77 for long prompts, A1111 emphasis
-        `(word:1.3)` when `weighting` (see ldm/research/weighting.py). A plain prompt of at most 75 tokens gives
+        `(word:1.3)` when `weighting` (see ldm/prompts.py). A plain prompt of at most 75 tokens gives
         exactly the plain encoding, (B, 77, D).
 
         clip_skip=n: the n-th-from-last layer's hidden states through the final layer norm (n=1 is the usual

@@ -1,5 +1,6 @@
-"""Prompt emphasis `(word:1.3)`, `(word)`, `[word]` and prompts longer than 77 tokens, as AUTOMATIC1111's web UI
-reads them.
+"""Prompt encoding: prompts -> token chunks -> the text context the UNet reads, with emphasis `(word:1.3)`,
+`(word)`, `[word]` and prompts longer than 77 tokens as AUTOMATIC1111's web UI reads them. Every pipeline call
+encodes through `encode_prompt` / `encode_prompt_pair`; ldm/research builds its word maps on the same layout.
 
 Reference: AUTOMATIC1111/stable-diffusion-webui, `modules/prompt_parser.py` (`parse_prompt_attention`) and
 `modules/sd_hijack_clip.py` (`FrozenCLIPEmbedderWithCustomWordsBase`: 75-token chunks, `process_tokens`' emphasis).

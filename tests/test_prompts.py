@@ -1,4 +1,4 @@
-"""Prompt emphasis and long prompts (ldm/research/weighting.py): the parser, the chunk layout, the encoding.
+"""Prompt emphasis and long prompts (ldm/prompts.py): the parser, the chunk layout, the encoding.
 
 The parser's expected values follow AUTOMATIC1111's `parse_prompt_attention` (its docstring's examples); encoding
 runs on a tiny CLIP text model with trained-like weights and the real SD 1.5 / SD 2 tokenizers.
@@ -12,7 +12,7 @@ import torch
 from ldm.clip import CLIPTextModel
 from ldm.config import CLIPTextConfig
 from ldm.pipeline import StableDiffusionPipeline
-from ldm.research.weighting import (CHUNK, apply_emphasis, chunk_tokens, context_position, encode_prompt,
+from ldm.prompts import (CHUNK, apply_emphasis, chunk_tokens, context_position, encode_prompt,
                                     encode_prompt_pair, parse_prompt_weights, plain_text, tokenize_weighted)
 from ldm.tokenizer import CLIPTokenizer
 from tests.helpers import TOKENIZER_DIR, trained_like_

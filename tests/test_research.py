@@ -21,7 +21,7 @@ from ldm.pipeline import StableDiffusionPipeline
 from ldm.research import (AttentionReweight, AttentionStore, PromptToPrompt, StepCounter, is_cross_attention,
                           overlay, prompt_to_prompt, prompt_words, save_attention_maps, token_weights, use_processor,
                           word_swap_mapper)
-from ldm.research.weighting import encode_prompt
+from ldm.prompts import encode_prompt
 from ldm.schedulers import DDIMScheduler
 from ldm.tokenizer import CLIPTokenizer
 from ldm.unet import UNet2DConditionModel

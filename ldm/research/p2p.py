@@ -34,7 +34,7 @@ from ldm.attention import attention, attention_probs
 from ldm.research.hooks import (StepCounter, conditional_half, conditional_mask, is_cross_attention, is_self_attention,
                                 use_processor)
 from ldm.research.store import AttentionStore, prompt_words
-from ldm.research.weighting import CHUNK, Tokenizer, plain_text, tokenize_weighted
+from ldm.prompts import CHUNK, Tokenizer, plain_text, tokenize_weighted
 
 S_ONE_CHUNK = CHUNK + 2  # 77: Prompt-to-Prompt's token alignment works within one text chunk
 

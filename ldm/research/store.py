@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ldm.attention import attention, attention_probs
 from ldm.research.hooks import StepCounter, conditional_half, conditional_mask, is_cross_attention
-from ldm.research.weighting import Tokenizer, context_position, parse_prompt_weights, tokenize_weighted
+from ldm.prompts import Tokenizer, context_position, parse_prompt_weights, tokenize_weighted
 
 
 class AttentionStore:
