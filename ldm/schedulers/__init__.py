@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .common import Scheduler, SigmaScheduler
+from .common import AlphaScheduler, Scheduler, SigmaScheduler
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
@@ -40,6 +40,6 @@ def from_name(name: str, config: Mapping[str, Any]) -> Scheduler:
     return SCHEDULERS[name].from_config(config, **OVERRIDES.get(name, {}))
 
 
-__all__ = ["OVERRIDES", "SCHEDULERS", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
+__all__ = ["OVERRIDES", "SCHEDULERS", "AlphaScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
            "EulerDiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "Scheduler", "SigmaScheduler",
            "from_name"]

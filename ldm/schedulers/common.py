@@ -30,6 +30,16 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers also knows "sample" (x0) / "flow_prediction": not here
 
+# The keys every diffusers 0.42.1 scheduler class takes, with their defaults (DDIM and PNDM default to "leading"
+# spacing); each scheduler file adds its own keys to these.
+SCHEDULE_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0,
+}
+SCHEDULE_CHOICES: dict[str, tuple[Any, ...]] = {
+    "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
+}
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,6 +160,9 @@ class Scheduler:
     _FIXED: ClassVar[tuple[str, ...]] = ()
     _REGISTRY: ClassVar[list[type[Scheduler]]] = []
     order: ClassVar[int] = 1  # model calls per step; 1 for all six in diffusers 0.42.1
+    # Samplers that divide by sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) cannot take the zero terminal SNR of
+    # rescale_betas_zero_snr: diffusers sets their last alpha_bar to 2**-24 instead. DDIM works with alpha_bar = 0.
+    _finite_terminal_sigma: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -167,6 +180,12 @@ class Scheduler:
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        # The noise schedule, DDPM eq. (4): alpha_bar_t = prod_{s<=t} (1 - beta_s)
+        self.betas = make_betas(self._cfg)  # (T,)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) alpha_bar_t
+        if self._cfg.get("rescale_betas_zero_snr", False) and self._finite_terminal_sigma:
+            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma infinite: nearly zero instead
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> Scheduler:
@@ -284,6 +303,57 @@ class Scheduler:
 
     _uses_begin_index: ClassVar[bool] = True  # DDIM and PNDM look timesteps up directly and have no begin index
 
+    # -- the sigma view, for the samplers that keep a sigma per step (LMS, Euler, Euler ancestral, DPM-Solver) -----
+
+    def _reset_history(self) -> None:
+        """Forget what past steps stored (multistep samplers override this); called by set_timesteps."""
+
+    def _sigmas_at_steps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The sigma of each (B,) timestep: by lookup in the schedule, or the begin index (img2img)."""
+        schedule = self.timesteps.to(timesteps.device)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(t, schedule) for t in timesteps.reshape(-1)]
+        elif self._step_index is not None:
+            indices = [self._step_index] * timesteps.reshape(-1).shape[0]
+        else:
+            indices = [self._begin_index] * timesteps.reshape(-1).shape[0]
+        return self.sigmas[indices]  # (B,)
+
+    def _final_sigma(self) -> float | torch.Tensor:
+        """The sigma after the last step: 0, or the smallest training sigma for final_sigmas_type "sigma_min"."""
+        if self._cfg.get("final_sigmas_type", "zero") == "sigma_min":
+            return ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+        return 0.0
+
+
+class AlphaScheduler(Scheduler):
+    """The DDPM view shared by DDIM and PNDM: the state is x_t itself (unit variance at the start), the model input
+    is the sample unchanged, and a step from t to t' reads alpha_bar at both ends."""
+
+    _uses_begin_index: ClassVar[bool] = False
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        # alpha_bar "before" t = 0: 1 (a clean sample) or, as SD was trained, alpha_bar_0.
+        self.final_alpha_cumprod = torch.tensor(1.0) if self._cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
+        self.timesteps = torch.from_numpy(np.arange(0, self._cfg["num_train_timesteps"])[::-1].copy().astype(np.int64))
+
+    def _alpha_prev(self, prev_timestep: int) -> torch.Tensor:
+        return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM and PNDM work on x_t itself: the model input is the sample unchanged."""
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process, DDPM eq. (4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise; timesteps (B,)."""
+        alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
+        timesteps = torch.as_tensor(timesteps).to(original_samples.device)
+        sqrt_alpha = broadcast_to(alphas_cumprod[timesteps] ** 0.5, original_samples)  # (B, 1, 1, 1)
+        sqrt_one_minus_alpha = broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, original_samples)
+        return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise
+
 
 class SigmaScheduler(Scheduler):
     """The k-diffusion view shared by LMS, Euler and Euler ancestral: the state is x = x0 + sigma eps with
@@ -291,6 +361,30 @@ class SigmaScheduler(Scheduler):
 
     sigmas: torch.Tensor  # (n + 1,) float32 on the CPU, descending, last = 0 (or sigma_min)
     timesteps: torch.Tensor  # (n,) float32: possibly fractional training timesteps
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.set_timesteps(self._cfg["num_train_timesteps"])  # as diffusers: a usable schedule before set_timesteps
+        self.num_inference_steps = None
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Choose n (float32) timesteps, spaced as the config says, and their n + 1 sigmas, interpolated in the
+        training sigmas (or Karras-spaced, eq. 5, when use_karras_sigmas), the last one 0 (or sigma_min)."""
+        self._check_num_steps(num_inference_steps)
+        cfg, n = self._cfg, num_inference_steps
+        self.num_inference_steps = n
+        timesteps, sigmas, base = spaced_sigmas(cfg, n, self.alphas_cumprod)  # (n,), (n,), (T,)
+        if cfg.get("use_karras_sigmas", False):
+            sigma_min = cfg["sigma_min"] if cfg.get("sigma_min") is not None else sigmas[-1].item()
+            sigma_max = cfg["sigma_max"] if cfg.get("sigma_max") is not None else sigmas[0].item()
+            sigmas = karras_sigmas(sigma_min, sigma_max, n)
+            timesteps = sigma_to_t(sigmas, np.log(base))  # fractional timesteps of the new sigmas
+        sigmas = np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32)
+        self.sigmas = torch.from_numpy(sigmas)  # (n + 1,) kept on the CPU as diffusers does
+        self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device)
+        self._step_index = None
+        self._begin_index = None
+        self._reset_history()
 
     @property
     def init_noise_sigma(self) -> torch.Tensor:
@@ -306,17 +400,6 @@ class SigmaScheduler(Scheduler):
             self._init_step_index(timestep)
         sigma = self.sigmas[self._step_index]
         return sample / (sigma**2 + 1) ** 0.5
-
-    def _sigmas_at_steps(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The sigma of each (B,) timestep: by lookup in the schedule, or the begin index (img2img)."""
-        schedule = self.timesteps.to(timesteps.device)
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t, schedule) for t in timesteps.reshape(-1)]
-        elif self._step_index is not None:
-            indices = [self._step_index] * timesteps.reshape(-1).shape[0]
-        else:
-            indices = [self._begin_index] * timesteps.reshape(-1).shape[0]
-        return self.sigmas[indices]  # (B,)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x0 + sigma_t noise: the forward process in the sigma parameterisation; timesteps (B,)."""

@@ -21,37 +21,23 @@ import torch
 
 from ldm.rng import Generator, randn
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Scheduler, broadcast_to, make_betas
-from .common import spaced_timesteps
+from .common import SCHEDULE_CHOICES, SCHEDULE_DEFAULTS, AlphaScheduler, spaced_timesteps
 
 
-class DDIMScheduler(Scheduler):
+class DDIMScheduler(AlphaScheduler):
     """Deterministic (eta = 0) or stochastic (eta > 0) DDIM sampling; the SD 2.x 768-v default."""
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-        "trained_betas": None, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
-        "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
-        "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading",
+        **SCHEDULE_DEFAULTS, "timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True,
+        "thresholding": False, "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
         "rescale_betas_zero_snr": False,
     }
     _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
-        "clip_sample": (True, False), "set_alpha_to_one": (True, False), "rescale_betas_zero_snr": (True, False),
+        **SCHEDULE_CHOICES, "clip_sample": (True, False), "set_alpha_to_one": (True, False),
+        "rescale_betas_zero_snr": (True, False),
     }
     _FIXED: ClassVar[tuple[str, ...]] = ("thresholding",)  # Imagen's dynamic thresholding: not for latents
-    _uses_begin_index: ClassVar[bool] = False
-
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
-        cfg = self._cfg
-        self.betas = make_betas(cfg)  # (T,)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) alpha_bar_t
-        # alpha_bar "before" t = 0: 1 (a clean sample) or, as SD was trained, alpha_bar_0.
-        self.final_alpha_cumprod = torch.tensor(1.0) if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.timesteps = torch.from_numpy(np.arange(0, cfg["num_train_timesteps"])[::-1].copy().astype(np.int64))
+    _finite_terminal_sigma: ClassVar[bool] = False  # DDIM takes the zero terminal SNR as it is
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Choose the n timesteps (int64, descending) the sampler visits."""
@@ -61,13 +47,6 @@ class DDIMScheduler(Scheduler):
         ts = spaced_timesteps(cfg["timestep_spacing"], num_inference_steps, cfg["num_train_timesteps"],
                               cfg["steps_offset"], round_linspace=True)
         self.timesteps = torch.from_numpy(ts.astype(np.int64)).to(device)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
-        """DDIM works on x_t itself: the model input is the sample unchanged."""
-        return sample
-
-    def _alpha_prev(self, prev_timestep: int) -> torch.Tensor:
-        return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: Generator = None, eta: float = 0.0, use_clipped_model_output: bool = False,
@@ -109,11 +88,3 @@ class DDIMScheduler(Scheduler):
                 variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + std_dev_t * variance_noise
         return prev_sample
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Forward process, DDPM eq. (4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise; timesteps (B,)."""
-        alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
-        timesteps = torch.as_tensor(timesteps).to(original_samples.device)
-        sqrt_alpha = broadcast_to(alphas_cumprod[timesteps] ** 0.5, original_samples)  # (B, 1, 1, 1)
-        sqrt_one_minus_alpha = broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, original_samples)
-        return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise

@@ -26,8 +26,8 @@ import torch
 
 from ldm.rng import Generator
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Scheduler, broadcast_to
-from .common import karras_sigmas, make_betas, sigma_to_t, train_sigmas
+from .common import SCHEDULE_CHOICES, SCHEDULE_DEFAULTS, TIMESTEP_SPACINGS, Scheduler, broadcast_to
+from .common import karras_sigmas, sigma_to_t, train_sigmas
 
 
 def dpm_timesteps(spacing: str, n: int, T: int, last_timestep: int, steps_offset: int) -> np.ndarray:
@@ -52,21 +52,19 @@ class DPMSolverMultistepScheduler(Scheduler):
     """DPM-Solver++ multistep (order 2 by default: "dpm++2m"; `use_karras_sigmas=True`: "dpm++2m-karras")."""
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-        "trained_betas": None, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "algorithm_type": "dpmsolver++",
-        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
+        **SCHEDULE_DEFAULTS, "solver_order": 2, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+        "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
         "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
         "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero",
-        "lambda_min_clipped": -float("inf"), "variance_type": None, "timestep_spacing": "linspace",
-        "steps_offset": 0, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
-        "time_shift_type": "exponential",
+        "lambda_min_clipped": -float("inf"), "variance_type": None, "rescale_betas_zero_snr": False,
+        "use_dynamic_shifting": False, "time_shift_type": "exponential",
     }
     _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
-        "solver_order": (1, 2, 3), "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint", "heun"),
-        "lower_order_final": (True, False), "euler_at_final": (True, False), "use_karras_sigmas": (True, False),
-        "final_sigmas_type": ("zero", "sigma_min"), "rescale_betas_zero_snr": (True, False),
+        **SCHEDULE_CHOICES, "solver_order": (1, 2, 3), "algorithm_type": ("dpmsolver++",),
+        "solver_type": ("midpoint", "heun"), "lower_order_final": (True, False), "euler_at_final": (True, False),
+        "use_karras_sigmas": (True, False), "final_sigmas_type": ("zero", "sigma_min"),
+        "rescale_betas_zero_snr": (True, False),
     }
     _FIXED: ClassVar[tuple[str, ...]] = ("thresholding", "use_exponential_sigmas", "use_beta_sigmas",
                                          "use_lu_lambdas", "use_flow_sigmas", "variance_type",
@@ -84,11 +82,6 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        self.betas = make_betas(self._cfg)  # (T,)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,)
-        if self._cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma infinite: nearly zero instead
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)  # (T,) half log-SNR, descending
@@ -117,9 +110,7 @@ class DPMSolverMultistepScheduler(Scheduler):
                 timesteps = timesteps.round()
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
-        sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
-                      if cfg["final_sigmas_type"] == "sigma_min" else 0)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (n + 1,)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32))  # (n + 1,)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
         self.num_inference_steps = len(timesteps)
         self._reset_history()
@@ -202,14 +193,6 @@ class DPMSolverMultistepScheduler(Scheduler):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """alpha_t x0 + sigma_t noise at the sigma of each (B,) timestep (looked up, or the begin index)."""
         timesteps = torch.as_tensor(timesteps).to(original_samples.device)
-        schedule = self.timesteps.to(original_samples.device)
-        count = timesteps.reshape(-1).shape[0]
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t, schedule) for t in timesteps.reshape(-1)]
-        elif self._step_index is not None:
-            indices = [self._step_index] * count
-        else:
-            indices = [self._begin_index] * count
-        sigma = broadcast_to(self.sigmas.to(original_samples.device, original_samples.dtype)[indices], original_samples)
-        alpha_t, sigma_t = alpha_sigma(sigma)
+        sigma = self._sigmas_at_steps(timesteps).to(original_samples.device, original_samples.dtype)
+        alpha_t, sigma_t = alpha_sigma(broadcast_to(sigma, original_samples))
         return alpha_t * original_samples + sigma_t * noise

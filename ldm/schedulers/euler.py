@@ -17,61 +17,27 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from ldm.rng import Generator, randn
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, SigmaScheduler, karras_sigmas
-from .common import make_betas, sigma_to_t, spaced_sigmas
+from .common import SCHEDULE_CHOICES, SCHEDULE_DEFAULTS, SigmaScheduler
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
     """Euler steps of the probability-flow ODE over the discrete SD noise levels (optionally Karras-spaced)."""
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-        "trained_betas": None, "prediction_type": "epsilon", "interpolation_type": "linear",
-        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-        "sigma_min": None, "sigma_max": None, "timestep_spacing": "linspace", "timestep_type": "discrete",
-        "steps_offset": 0, "rescale_betas_zero_snr": False, "final_sigmas_type": "zero",
+        **SCHEDULE_DEFAULTS, "interpolation_type": "linear", "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None,
+        "timestep_type": "discrete", "rescale_betas_zero_snr": False, "final_sigmas_type": "zero",
     }
     _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
-        "use_karras_sigmas": (True, False), "rescale_betas_zero_snr": (True, False),
+        **SCHEDULE_CHOICES, "use_karras_sigmas": (True, False), "rescale_betas_zero_snr": (True, False),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
     _FIXED: ClassVar[tuple[str, ...]] = ("interpolation_type", "use_exponential_sigmas", "use_beta_sigmas",
                                          "timestep_type")
-
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
-        self.betas = make_betas(self._cfg)  # (T,)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,)
-        if self._cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma infinite: nearly zero instead
-        self.set_timesteps(self._cfg["num_train_timesteps"])  # a usable schedule before set_timesteps
-        self.num_inference_steps = None
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Choose n (float32) timesteps and their n + 1 sigmas (the last one 0, or sigma_min)."""
-        self._check_num_steps(num_inference_steps)
-        cfg, n = self._cfg, num_inference_steps
-        self.num_inference_steps = n
-        timesteps, sigmas, base = spaced_sigmas(cfg, n, self.alphas_cumprod)  # (n,), (n,), (T,)
-        if cfg["use_karras_sigmas"]:
-            sigma_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
-            sigma_max = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
-            sigmas = karras_sigmas(sigma_min, sigma_max, n)
-            timesteps = sigma_to_t(sigmas, np.log(base))  # fractional timesteps of the new sigmas
-        sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
-                      if cfg["final_sigmas_type"] == "sigma_min" else 0)
-        sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas)  # (n + 1,) kept on the CPU as diffusers does
-        self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device)
-        self._step_index = None
-        self._begin_index = None
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: Generator = None, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),

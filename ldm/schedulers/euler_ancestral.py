@@ -17,48 +17,18 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from ldm.rng import Generator, randn
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, SigmaScheduler, make_betas
-from .common import spaced_sigmas
+from .common import SCHEDULE_CHOICES, SCHEDULE_DEFAULTS, SigmaScheduler
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """Stochastic Euler sampling ("euler-a"): reproducible with the same CPU generator as diffusers."""
 
-    _DEFAULTS: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-        "trained_betas": None, "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0,
-        "rescale_betas_zero_snr": False,
-    }
-    _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
-        "rescale_betas_zero_snr": (True, False),
-    }
-
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
-        self.betas = make_betas(self._cfg)  # (T,)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,)
-        if self._cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma infinite: nearly zero instead
-        self.set_timesteps(self._cfg["num_train_timesteps"])  # a usable schedule before set_timesteps
-        self.num_inference_steps = None
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Choose n (float32) timesteps and their n + 1 sigmas (the last one 0)."""
-        self._check_num_steps(num_inference_steps)
-        cfg, n = self._cfg, num_inference_steps
-        self.num_inference_steps = n
-        timesteps, sigmas, _ = spaced_sigmas(cfg, n, self.alphas_cumprod)  # (n,), (n,)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (n + 1,)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
-        self._step_index = None
-        self._begin_index = None
+    _DEFAULTS: ClassVar[dict[str, Any]] = {**SCHEDULE_DEFAULTS, "rescale_betas_zero_snr": False}
+    _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {**SCHEDULE_CHOICES, "rescale_betas_zero_snr": (True, False)}
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: Generator = None) -> torch.Tensor:

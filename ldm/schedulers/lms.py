@@ -24,8 +24,7 @@ import torch
 
 from ldm.rng import Generator
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, SigmaScheduler, karras_sigmas
-from .common import make_betas, spaced_sigmas, sigma_to_t
+from .common import SCHEDULE_CHOICES, SCHEDULE_DEFAULTS, SigmaScheduler
 
 
 def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
@@ -40,39 +39,15 @@ class LMSDiscreteScheduler(SigmaScheduler):
     """Linear multistep sampling (order 4 by default) over the discrete SD noise levels."""
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-        "trained_betas": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False, "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0,
+        **SCHEDULE_DEFAULTS, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
     }
-    _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
-        "use_karras_sigmas": (True, False),
-    }
+    _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {**SCHEDULE_CHOICES, "use_karras_sigmas": (True, False)}
     _FIXED: ClassVar[tuple[str, ...]] = ("use_exponential_sigmas", "use_beta_sigmas")
 
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
-        self.betas = make_betas(self._cfg)  # (T,)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,)
-        self.set_timesteps(self._cfg["num_train_timesteps"])  # as diffusers: usable before set_timesteps
-        self.num_inference_steps = None
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Choose n (float32) timesteps and their n + 1 sigmas (the last one 0); forget past slopes."""
-        self._check_num_steps(num_inference_steps)
-        cfg, n = self._cfg, num_inference_steps
-        self.num_inference_steps = n
-        timesteps, sigmas, base = spaced_sigmas(cfg, n, self.alphas_cumprod)  # (n,), (n,), (T,)
-        if cfg["use_karras_sigmas"]:
-            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
-            timesteps = sigma_to_t(sigmas, np.log(base))
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (n + 1,)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.float32)
-        self._sigma_list = self.sigmas.tolist()
+    def _reset_history(self) -> None:
+        """Forget past slopes (set_timesteps calls this after choosing the sigmas)."""
+        self._sigma_list = self.sigmas.tolist()  # the coefficients of eq. (2) are computed in Python floats
         self.derivatives: list[torch.Tensor] = []
-        self._step_index = None
-        self._begin_index = None
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: Generator = None, order: int = 4) -> torch.Tensor:

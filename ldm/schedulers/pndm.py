@@ -26,33 +26,22 @@ import torch
 
 from ldm.rng import Generator
 
-from .common import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, Scheduler, broadcast_to, make_betas
-from .common import spaced_timesteps
+from .common import SCHEDULE_CHOICES, SCHEDULE_DEFAULTS, AlphaScheduler, spaced_timesteps
 
 
-class PNDMScheduler(Scheduler):
+class PNDMScheduler(AlphaScheduler):
     """PLMS sampling (the SD 1.x default), optionally with pseudo Runge-Kutta warm-up steps."""
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-        "trained_betas": None, "skip_prk_steps": False, "set_alpha_to_one": False, "prediction_type": "epsilon",
-        "timestep_spacing": "leading", "steps_offset": 0,
+        **SCHEDULE_DEFAULTS, "timestep_spacing": "leading", "skip_prk_steps": False, "set_alpha_to_one": False,
     }
     _CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
-        "skip_prk_steps": (True, False), "set_alpha_to_one": (True, False),
+        **SCHEDULE_CHOICES, "skip_prk_steps": (True, False), "set_alpha_to_one": (True, False),
     }
-    _uses_begin_index: ClassVar[bool] = False
     pndm_order = 4
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        self.betas = make_betas(self._cfg)  # (T,)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,)
-        self.final_alpha_cumprod = torch.tensor(1.0) if self._cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.timesteps = torch.from_numpy(np.arange(0, self._cfg["num_train_timesteps"])[::-1].copy())
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -83,10 +72,6 @@ class PNDMScheduler(Scheduler):
         timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._reset_history()
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
-        """PNDM works on x_t itself: the model input is the sample unchanged."""
-        return sample
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: Generator = None) -> torch.Tensor:
@@ -150,18 +135,10 @@ class PNDMScheduler(Scheduler):
                   model_output: torch.Tensor) -> torch.Tensor:
         """Eq. (11): x_t -> x_t' for the noise estimate model_output (v is converted to eps first)."""
         alpha_t = self.alphas_cumprod[timestep]
-        alpha_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        alpha_prev = self._alpha_prev(prev_timestep)
         beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
         if self._cfg["prediction_type"] == "v_prediction":
             model_output = alpha_t**0.5 * model_output + beta_t**0.5 * sample  # v -> eps
         sample_coeff = (alpha_prev / alpha_t) ** 0.5
         denom = alpha_t * beta_prev**0.5 + (alpha_t * beta_t * alpha_prev) ** 0.5
         return sample_coeff * sample - (alpha_prev - alpha_t) * model_output / denom
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Forward process, DDPM eq. (4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise; timesteps (B,)."""
-        alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
-        timesteps = torch.as_tensor(timesteps).to(original_samples.device)
-        sqrt_alpha = broadcast_to(alphas_cumprod[timesteps] ** 0.5, original_samples)  # (B, 1, 1, 1)
-        sqrt_one_minus_alpha = broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, original_samples)
-        return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise
