@@ -12,9 +12,10 @@ The levers (docs/pipeline.md, "Optimizing for speed", says what each buys and co
   want; the activations follow the weights through every conv.
 - `fuse_projections(module)`: each attention layer's q, k, v projections (self-attention) or k, v (cross-attention)
   as one matmul on a concatenated weight, a non-persistent buffer kept in sync with to_q / to_k / to_v (see
-  `ldm.unet.Attention.fuse_projections`). GEGLU already is one projection (proj -> chunk); fusing its
+  `FusedAttention`, swapped in for `ldm.unet.Attention`). GEGLU already is one projection (proj -> chunk); fusing its
   `value * gelu(gate)` into one kernel is torch.compile's work, not a module change.
-- `compile_unet(unet, ...)`: `torch.compile(unet.network, fullgraph=True, dynamic=False)`, with CUDA graphs over
+- `compile_unet(unet, ...)`: `torch.compile(unet.network, fullgraph=True, dynamic=False)` (the network without
+  forward's input checks; the graph replaces `network` on that one UNet), with CUDA graphs over
   each UNet call ("reduce-overhead") when asked. Static shapes: one graph per (batch, latent size, dtype); a new
   size compiles again. The first call's compile time is what `warm_up` returns; inductor's FX-graph and AOTAutograd
   caches live in `compile_cache_dir()` (~/.cache/ldm/inductor) so another process skips most of it.
@@ -43,7 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ldm.unet import Attention
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -79,23 +83,69 @@ def to_channels_last(*modules: nn.Module) -> None:
         module.to(memory_format=torch.channels_last)
 
 
+class FusedAttention(Attention):
+    """ldm.unet.Attention with q, k, v (self-attention) or k, v (cross-attention) as one matmul on a concatenated
+    weight. `fuse_projections` swaps it in on existing layers (their parameters, processor and state dict stay);
+    `unfuse_projections` swaps it out. How the fused weight stays equal to to_q / to_k / to_v:
+
+    - `.to()`, `.half()`, `.cuda()`: it is a non-persistent buffer, converted by the same function as the
+      parameters, and absent from the state dict.
+    - `load_state_dict` (on this module or any parent): a post-hook rebuilds it from the loaded parameters.
+    - anything else that writes the weights in place (an optimizer step, `weight.data.copy_`): eager forward
+      compares the weights' storage pointers and version counters with those recorded at fusing and rebuilds.
+      (A compiled graph skips that check; it relies on the two rules above.)
+    - with autograd on and trainable weights, forward uses the three separate projections, so gradients reach
+      to_q / to_k / to_v.
+    """
+
+    fused_weight: Tensor  # [Wq; Wk; Wv] (3D, D) for self-attention, [Wk; Wv] (2D, D_text) for cross-attention
+
+    def _source_weights(self) -> list[Tensor]:
+        return ([] if self.is_cross else [self.to_q.weight]) + [self.to_k.weight, self.to_v.weight]
+
+    def fuse(self) -> None:
+        """(Re)build the fused weight from to_q / to_k / to_v."""
+        weights = self._source_weights()
+        with torch.no_grad():
+            self.register_buffer("fused_weight", torch.cat([w.detach() for w in weights]), persistent=False)
+        self._fused_from = tuple((w.data_ptr(), w._version) for w in weights)
+
+    def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q: (B, L, D), k, v: (B, S, D), from one matmul on the fused weight (two for cross-attention)."""
+        if torch.is_grad_enabled() and self.to_q.weight.requires_grad:
+            return super()._project(x, context)  # training: the separate projections carry the gradients
+        if not torch.compiler.is_compiling():
+            if self._fused_from != tuple((w.data_ptr(), w._version) for w in self._source_weights()):
+                self.fuse()  # the weights were replaced or written in place since fusing
+        if context is None:
+            q, k, v = F.linear(x, self.fused_weight).chunk(3, dim=-1)  # (B, L, 3D) -> 3 x (B, L, D)
+            return q, k, v
+        k, v = F.linear(context, self.fused_weight).chunk(2, dim=-1)  # (B, S, 2D) -> 2 x (B, S, D)
+        return self.to_q(x), k, v
+
+
+def _refuse_after_load(module: FusedAttention, _incompatible_keys: object) -> None:
+    module.fuse()
+
+
 def fuse_projections(module: nn.Module) -> int:
     """Fuse the q/k/v (or k/v) projections of every UNet attention layer in `module`. Returns how many."""
-    from ldm.unet import Attention
-
     layers = [m for m in module.modules() if isinstance(m, Attention)]
     for layer in layers:
-        layer.fuse_projections()
+        if not isinstance(layer, FusedAttention):
+            layer.__class__ = FusedAttention  # the same module object: parents, parameters and hooks stay
+            layer._fuse_hook = layer.register_load_state_dict_post_hook(_refuse_after_load)
+        layer.fuse()
     return len(layers)
 
 
 def unfuse_projections(module: nn.Module) -> int:
-    """Undo `fuse_projections`. Returns how many layers were reset."""
-    from ldm.unet import Attention
-
-    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    """Undo `fuse_projections`: plain Attention layers again, the fused weights freed. Returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, FusedAttention)]
     for layer in layers:
-        layer.unfuse_projections()
+        layer._fuse_hook.remove()
+        del layer.fused_weight, layer._fused_from, layer._fuse_hook
+        layer.__class__ = Attention
     return len(layers)
 
 
@@ -136,21 +186,17 @@ def compile_unet(unet: nn.Module, *, cuda_graphs: bool = False, mode: str | None
         raise ValueError(f"cuda_graphs=True needs mode 'reduce-overhead' or 'max-autotune', got {mode!r}")
     if not cuda_graphs and mode in ("reduce-overhead", "max-autotune"):
         mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}[mode]
-    compiled = torch.compile(unet.network, fullgraph=True, dynamic=False, mode=mode)
+    eager = type(unet).network.__get__(unet)  # the class's method, even if this instance was compiled before
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False, mode=mode)
     if not cuda_graphs:
-        unet.compiled_network = compiled
+        unet.network = compiled  # an instance attribute: shadows the method for this UNet only; forward calls it
         return
 
     def run_graph(sample: Tensor, t: Tensor, context: Tensor) -> Tensor:
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(sample, t, context).clone()
 
-    unet.compiled_network = run_graph
-
-
-def uncompile_unet(unet: nn.Module) -> None:
-    """Back to the eager network (compiled graphs stay in torch's caches until the process ends)."""
-    unet.compiled_network = None
+    unet.network = run_graph
 
 
 def warm_up(pipe: Any, *, height: int | None = None, width: int | None = None, batch: int = 1,

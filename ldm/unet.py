@@ -26,7 +26,6 @@ its level), D_text = cross_attention_dim, nh heads, hd head width (D = nh * hd),
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,8 +137,8 @@ class Attention(AttentionLayer):
     """Multi-head attention; self-attention when `context` is None, else cross-attention on the text context.
 
     The kernel (or an installed research processor) is reached through `self.attend`, see ldm/attention.py.
-    `fuse_projections()` (a speed lever, ldm/optimize.py) makes q, k, v one matmul; the parameters and the state
-    dict stay diffusers' to_q / to_k / to_v.
+    ldm/optimize.py's `fuse_projections` swaps in a subclass that computes q, k, v as one matmul; the parameters
+    and the state dict stay diffusers' to_q / to_k / to_v.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False) -> None:
@@ -153,56 +152,11 @@ class Attention(AttentionLayer):
         self.to_v = nn.Linear(kv_dim, dim, bias=False)
         # key-compat: diffusers' `to_out` is [Linear, Dropout], so the projection's keys are `to_out.0.*`.
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
-        # [Wq; Wk; Wv] (self-attention) or [Wk; Wv] (cross-attention) once fused, else None. A non-persistent
-        # buffer: not in the state dict, but `.to()` / `.half()` convert it with the parameters.
-        self.register_buffer("fused_weight", None, persistent=False)
-        self._fused_from: tuple | None = None  # (data_ptr, _version) of the source weights when it was built
-        self._fuse_hook = None
-
-    # -- fused projections (ldm/optimize.py) ---------------------------------------------------------------------
-
-    def _source_weights(self) -> list[Tensor]:
-        return ([] if self.is_cross else [self.to_q.weight]) + [self.to_k.weight, self.to_v.weight]
-
-    def fuse_projections(self) -> None:
-        """Build the fused weight from to_q / to_k / to_v. How it stays equal to them:
-
-        - `.to()`, `.half()`, `.cuda()`: it is a buffer, converted by the same function as the parameters.
-        - `load_state_dict` (on this module or any parent): a post-hook rebuilds it from the loaded parameters.
-        - anything else that writes the weights in place (an optimizer step, `weight.data.copy_`): eager forward
-          compares the weights' storage pointers and version counters with those recorded here and rebuilds.
-          (A compiled graph skips that check; it relies on the two rules above.)
-        - with autograd on and trainable weights, forward uses the three separate projections, so gradients
-          reach to_q / to_k / to_v.
-        """
-        weights = self._source_weights()
-        with torch.no_grad():
-            self.fused_weight = torch.cat([w.detach() for w in weights])  # (3D or 2D, D_in)
-        self._fused_from = tuple((w.data_ptr(), w._version) for w in weights)
-        if self._fuse_hook is None:
-            self._fuse_hook = self.register_load_state_dict_post_hook(_refuse_after_load)
-
-    def unfuse_projections(self) -> None:
-        """Back to three separate projections; frees the fused weight."""
-        self.fused_weight, self._fused_from = None, None
-        if self._fuse_hook is not None:
-            self._fuse_hook.remove()
-            self._fuse_hook = None
 
     def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """q: (B, L, D), k, v: (B, S, D), from three matmuls or one (two for cross-attention) on the fused weight."""
-        fused = self.fused_weight is not None and not (torch.is_grad_enabled() and self.to_q.weight.requires_grad)
-        if fused and not torch.compiler.is_compiling():
-            if self._fused_from != tuple((w.data_ptr(), w._version) for w in self._source_weights()):
-                self.fuse_projections()  # the weights were replaced or written in place since fusing
-        if not fused:
-            context = x if context is None else context
-            return self.to_q(x), self.to_k(context), self.to_v(context)
-        if context is None:
-            q, k, v = F.linear(x, self.fused_weight).chunk(3, dim=-1)  # (B, L, 3D) -> 3 x (B, L, D)
-            return q, k, v
-        k, v = F.linear(context, self.fused_weight).chunk(2, dim=-1)  # (B, S, 2D) -> 2 x (B, S, D)
-        return self.to_q(x), k, v
+        """q: (B, L, D) from x; k, v: (B, S, D) from the context (x itself for self-attention)."""
+        context = x if context is None else context
+        return self.to_q(x), self.to_k(context), self.to_v(context)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x: (B, L, D), context: (B, S, D_text) or None (self-attention) -> (B, L, D)."""
@@ -220,10 +174,6 @@ class Attention(AttentionLayer):
             out = self.attend(q, k, v, mask)  # (B, nh, L, hd)
         out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
         return self.to_out[1](self.to_out[0](out))
-
-
-def _refuse_after_load(module: Attention, _incompatible_keys: object) -> None:
-    module.fuse_projections()
 
 
 class GEGLU(nn.Module):
@@ -308,7 +258,11 @@ class Transformer2DModel(nn.Module):
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last if the 4-D tensor x is laid out so (and not also plain contiguous), else contiguous_format."""
+    """channels_last if the 4-D tensor x is laid out so (and not also plain contiguous), else contiguous_format.
+
+    Kept in the model file, not ldm/optimize.py: the fold back must choose a layout (diffusers' `.contiguous()`),
+    and following the input's is the choice that is right for any caller, channels_last or not; optimize.py
+    imports this file, so the model cannot reach a helper there without a cycle."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -435,8 +389,6 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
-        # ldm.optimize.compile_unet puts a compiled `self.network` here; None runs the eager network.
-        self.compiled_network: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor) -> Tensor:
         """sample: (B, C_in, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, S, D_text) -> (B, C_out, H, W).
@@ -446,13 +398,13 @@ class UNet2DConditionModel(nn.Module):
         """
         self._check_inputs(sample, encoder_hidden_states)
         t = self._timesteps(timestep, sample)  # (B,) on the sample's device
-        network = self.network if self.compiled_network is None else self.compiled_network
-        return network(sample, t, encoder_hidden_states)
+        return self.network(sample, t, encoder_hidden_states)
 
     def network(self, sample: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """The network itself on checked inputs: sample (B, C_in, H, W), t (B,) on its device, context (B, S, D_text).
 
-        Separate from forward so torch.compile (ldm/optimize.py) sees tensors on one device and no Python checks.
+        Kept apart from forward's input checks so the math reads alone, and so torch.compile sees tensors on one
+        device and no Python checks: ldm.optimize.compile_unet shadows this method on one instance by its graph.
         """
         temb = self.time_proj(t).to(sample.dtype)  # (B, C0); the sinusoid is fp32, the MLP runs in the model dtype
         temb = self.time_embedding(temb)  # (B, T)

@@ -101,7 +101,7 @@ def test_fused_weight_is_what_runs():
                 layer.fused_weight.mul_(0.5)
         assert rel_err(unet(*inputs), ref) > 1e-3
         opt.unfuse_projections(unet)
-        assert all(m.fused_weight is None for m in unet.modules() if isinstance(m, Attention))
+        assert all(getattr(m, "fused_weight", None) is None for m in unet.modules() if isinstance(m, Attention))
         assert rel_err(unet(*inputs), ref) <= TOL[torch.float32]
 
 
@@ -183,7 +183,7 @@ def test_optimize_cpu_defaults_and_bad_combinations():
     assert pipe.optimize() is pipe
     assert pipe.levers == opt.default_levers("cpu")
     assert not (pipe.levers.fuse or pipe.levers.compile or pipe.levers.cuda_graphs or pipe.levers.channels_last)
-    assert pipe.unet.compiled_network is None
+    assert "network" not in vars(pipe.unet)  # not compiled: the class's own network runs
     fast = pipe("a red circle", seed=3, num_inference_steps=2, output_type="np").images
     assert np.abs(fast - eager).max() <= 1e-4
     with pytest.raises(ValueError, match="cuda_graphs=True needs the pipeline on a CUDA device"):
