@@ -21,10 +21,8 @@ S text tokens (77), D text width.
 
 from __future__ import annotations
 
-import inspect
 import numbers
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -38,6 +36,7 @@ from ldm import schedulers
 from ldm.attention import set_attention_chunk
 from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
+from ldm.optimize import PromptCache
 from ldm.prompts import encode_prompt as encode_weighted
 from ldm.prompts import encode_prompt_pair
 from ldm.rng import Generator, randn, seed_generators
@@ -57,14 +56,17 @@ class PipelineOutput:
 class StableDiffusionPipeline:
     """The loaded parts of a model and the three ways to run them: `pipe(...)`, `pipe.img2img`, `pipe.inpaint`.
 
-    Built by `ldm.load_pipeline`; `family` (an `ldm.config.FamilyPreset`) names the model family, which fixes the
-    prediction type and the native image size. Device and dtype are those of the modules (`pipe.to(...)`).
+    Built by `ldm.load_pipeline`, or from parts as a diffusers user composes one:
+    `StableDiffusionPipeline(unet=..., vae=..., text_encoder=..., tokenizer=..., scheduler=...)`. The parts carry
+    their configs (`pipe.unet.config`, the scheduler's prediction type); `family` (an `ldm.config.FamilyPreset`,
+    optional) names the model family the loader recognised and gives the native image size. Device and dtype are
+    those of the modules (`pipe.to(...)`).
     """
 
     def __init__(self, *, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Callable,
-                 scheduler: Any, family: FamilyPreset, optimize: bool = False) -> None:
-        if not isinstance(family, FamilyPreset):
-            raise TypeError(f"family must be an ldm.config.FamilyPreset, got {type(family).__name__}")
+                 scheduler: Any, family: FamilyPreset | None = None, optimize: bool = False) -> None:
+        if family is not None and not isinstance(family, FamilyPreset):
+            raise TypeError(f"family must be an ldm.config.FamilyPreset or None, got {type(family).__name__}")
         for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
@@ -72,15 +74,13 @@ class StableDiffusionPipeline:
             raise TypeError(f"tokenizer must be callable (list[str] -> ids), got {type(tokenizer).__name__}")
         _check_scheduler(scheduler)
         prediction = scheduler.config.get("prediction_type", "epsilon")
-        if prediction != family.prediction_type:
+        if family is not None and prediction != family.prediction_type:
             raise ValueError(f"scheduler prediction_type {prediction!r} does not match family {family.name!r} "
                              f"({family.prediction_type!r})")
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler, self.family = tokenizer, scheduler, family
-        # The text encoder runs once per prompt: the last few prompt encodings, keyed on everything they depend on
-        # (see _encode_prompts). 0 turns the cache off.
-        self.prompt_cache_size = 8
-        self._prompt_cache: OrderedDict[tuple, tuple[Tensor, Tensor | None]] = OrderedDict()
+        # The text encoder runs once per prompt: the last 8 prompt encodings (a speed lever, ldm/optimize.py).
+        self._prompt_cache = PromptCache(size=8)
         self._warned_vae_upcast = False
         self.levers = None  # the ldm.optimize.Levers pulled by optimize(), None on the eager pipeline
         if optimize:
@@ -101,6 +101,16 @@ class StableDiffusionPipeline:
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along a side (8 for SD): image sides must be multiples of it."""
         return self.vae.config.downsample_factor
+
+    @property
+    def native_size(self) -> int:
+        """The default image side in pixels: the family's (512; 768 for sd21-v), else diffusers' rule, the UNet's
+        sample_size times the VAE's factor."""
+        if self.family is not None:
+            return self.family.native_size
+        if self.unet.config.sample_size is None:
+            raise ValueError("the UNet config has no sample_size and the pipeline no family: pass height= and width=")
+        return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
         """Move every module to `device` and/or cast it to `dtype` (fp32, bf16, or fp16 on CUDA). Returns self."""
@@ -164,7 +174,7 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
                  callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
                  weighting: bool = True) -> PipelineOutput:
-        """Text to image. height/width default to the model's size (`family.native_size`: 512, 768 for sd21-v;
+        """Text to image. height/width default to the model's size (`pipe.native_size`: 512, 768 for sd21-v;
         a diffusers folder's is its unet.sample_size x the VAE's factor, 64 for the packaged shapes model).
 
         seed=S gives image i the generator manual_seed(S + i) (diffusers' list-of-generators convention);
@@ -178,15 +188,19 @@ class StableDiffusionPipeline:
         if self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(f"this is an inpainting model (the UNet takes {self.unet.config.in_channels} channels): "
                              f"use pipe.inpaint(prompt, image, mask_image)")
-        height = self.family.native_size if height is None else height
-        width = self.family.native_size if width is None else width
+        height = self.native_size if height is None else height
+        width = self.native_size if width is None else width
         self._check_size(height, width, "height/width")
-        run = self._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                            num_images_per_prompt, scheduler, eta, callback, clip_skip, output_type, weighting)
+        run = self._prepare(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, seed=seed, generator=generator,
+                            num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
+                            callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
         shape = (run.batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         latents = randn(shape, run.generator, self.device, run.context.dtype) * run.scheduler.init_noise_sigma
-        return self._run(run, latents, run.scheduler.timesteps, output_type)
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, run.scheduler.timesteps,
+                                          run.guidance_scale, step_kwargs=run.step_kwargs, callback=run.callback)
+        return self._output(latents, steps_run, run.seeds, output_type)
 
     @torch.no_grad()
     def img2img(self, prompt: str | list[str], image: ImageInput, *, strength: float = 0.8,
@@ -204,13 +218,18 @@ class StableDiffusionPipeline:
             raise ValueError("this is an inpainting model: use pipe.inpaint(prompt, image, mask_image)")
         _check_strength(strength)
         pixels = self._load_image(image, "image")  # (1, 3, H, W) in [-1, 1]
-        run = self._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                            num_images_per_prompt, scheduler, eta, callback, clip_skip, output_type, weighting)
-        timesteps = self._strength_timesteps(run.scheduler, num_inference_steps, strength)
+        run = self._prepare(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, seed=seed, generator=generator,
+                            num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
+                            callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
+        # the last int(steps * strength) steps (diffusers' get_timesteps; the scheduler's begin index is set)
+        timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
         image_latents = self._encode_image_img2img(pixels, run)  # (B, C, h, w)
         noise = randn(image_latents.shape, run.generator, self.device, run.context.dtype)
         latents = run.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
-        return self._run(run, latents, timesteps, output_type)
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
+                                          step_kwargs=run.step_kwargs, callback=run.callback)
+        return self._output(latents, steps_run, run.seeds, output_type)
 
     @torch.no_grad()
     def inpaint(self, prompt: str | list[str], image: ImageInput, mask_image: ImageInput, *, strength: float = 1.0,
@@ -236,9 +255,11 @@ class StableDiffusionPipeline:
         if not native and self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(f"the UNet takes {self.unet.config.in_channels} channels; inpainting needs 4 "
                              f"(latent blending) or 9 (an inpainting checkpoint)")
-        run = self._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                            num_images_per_prompt, scheduler, eta, callback, clip_skip, output_type, weighting)
-        timesteps = self._strength_timesteps(run.scheduler, num_inference_steps, strength)
+        run = self._prepare(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, seed=seed, generator=generator,
+                            num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
+                            callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
+        timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
         pixels, mask = pixels.to(self.device, self.dtype), mask.to(self.device, self.dtype)
         f, B, full = self.vae_scale_factor, run.batch, strength == 1.0
 
@@ -254,18 +275,21 @@ class StableDiffusionPipeline:
         small_mask = nn.functional.interpolate(mask, size=noise.shape[-2:]).repeat(B, 1, 1, 1)  # (B, 1, h, w) nearest
         masked_latents = self._encode_image_inpaint(pixels * (mask < 0.5), run).repeat(B, 1, 1, 1)  # (B, C, h, w)
 
+        condition, blend = None, None
         if native:
             condition = torch.cat([small_mask, masked_latents], dim=1)  # (B, 1 + C, h, w)
             condition = torch.cat([condition] * 2) if run.guided else condition  # (2B, 1 + C, h, w)
-            return self._run(run, latents, timesteps, output_type, condition=condition)
+        else:
+            def blend(i: int, x: Tensor) -> Tensor:
+                known = image_latents
+                if i < len(timesteps) - 1:  # the known region, noised to the level of the next step
+                    known = run.scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+                return (1 - small_mask) * known + small_mask * x
 
-        def blend(i: int, x: Tensor) -> Tensor:
-            known = image_latents
-            if i < len(timesteps) - 1:  # the known region, noised to the level of the next step
-                known = run.scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
-            return (1 - small_mask) * known + small_mask * x
-
-        return self._run(run, latents, timesteps, output_type, blend=blend)
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
+                                          step_kwargs=run.step_kwargs, callback=run.callback, condition=condition,
+                                          blend=blend)
+        return self._output(latents, steps_run, run.seeds, output_type)
 
     # ------------------------------------------------------------------------------------------------------------
     # The denoising loop
@@ -311,11 +335,12 @@ class StableDiffusionPipeline:
     # ------------------------------------------------------------------------------------------------------------
     # Shared preparation
 
-    def _prepare(self, prompt: str | list[str], negative_prompt: str | list[str] | None, steps: int,
-                 guidance_scale: float, seed: int | None, generator: Generator, n_per_prompt: int, scheduler: Any,
-                 eta: float, callback: Callback | None, clip_skip: int | None, output_type: str,
+    def _prepare(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None, num_inference_steps: int,
+                 guidance_scale: float, seed: int | None, generator: Generator, num_images_per_prompt: int,
+                 scheduler: Any, eta: float, callback: Callback | None, clip_skip: int | None, output_type: str,
                  weighting: bool) -> _Run:
         """Validate the common arguments, encode the prompts, set up the scheduler and the generators."""
+        steps, n_per_prompt = num_inference_steps, num_images_per_prompt
         prompts = _prompts(prompt, "prompt")
         negatives = [""] * len(prompts) if negative_prompt is None else _prompts(negative_prompt, "negative_prompt")
         if len(negatives) == 1 and len(prompts) > 1:
@@ -341,12 +366,19 @@ class StableDiffusionPipeline:
 
         sched = self._scheduler(scheduler)
         sched.set_timesteps(steps)
-        step_kwargs = _step_kwargs(sched, generator, eta)
+        # diffusers' prepare_extra_step_kwargs without the signature reflection: every ldm scheduler's step takes
+        # `generator` (the stochastic ones draw from it), and DDIM alone takes `eta`.
+        step_kwargs: dict[str, Any] = {"generator": generator}
+        if isinstance(sched, schedulers.DDIMScheduler):
+            step_kwargs["eta"] = float(eta)
+        elif eta != 0:
+            raise ValueError(f"eta={eta} needs a scheduler that takes it (DDIM); {type(sched).__name__} does not")
 
         # As diffusers: the prompts, then the negatives (padded to as many 77-token chunks as the prompts, or the
         # prompts to theirs), each row repeated num_images_per_prompt times.
         guided = guidance_scale > 1
-        cond, uncond = self._encode_prompts(prompts, negatives if guided else None, clip_skip, weighting)
+        cond, uncond = self._prompt_cache(self._encode_prompts, self.text_encoder, self.tokenizer, prompts,
+                                          negatives if guided else None, clip_skip, weighting)
         if guided:
             context = torch.cat([uncond.repeat_interleave(n_per_prompt, dim=0),
                                  cond.repeat_interleave(n_per_prompt, dim=0)])  # (2B, S, D)
@@ -357,32 +389,19 @@ class StableDiffusionPipeline:
 
     def _encode_prompts(self, prompts: list[str], negatives: list[str] | None, clip_skip: int | None,
                         weighting: bool) -> tuple[Tensor, Tensor | None]:
-        """(cond, uncond) text contexts; uncond is None without negatives (no guidance). From the prompt cache when
-        the same prompts were encoded before by the same, unchanged text encoder and tokenizer.
-
-        The key holds the prompts, negatives, clip_skip, weighting, the text encoder's device and dtype, and a
-        fingerprint of its weights: each parameter's storage pointer and version counter, which change on `.to()`,
-        on load_state_dict and on any in-place write, so a changed encoder never serves stale embeddings.
-        """
-        if self.prompt_cache_size <= 0:
-            return self._encode_uncached(prompts, negatives, clip_skip, weighting)
-        weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.text_encoder.parameters())
-        key = (tuple(prompts), None if negatives is None else tuple(negatives), clip_skip, weighting,
-               id(self.text_encoder), id(self.tokenizer), weights)
-        if key in self._prompt_cache:
-            self._prompt_cache.move_to_end(key)
-            return self._prompt_cache[key]
-        value = self._encode_uncached(prompts, negatives, clip_skip, weighting)
-        self._prompt_cache[key] = value
-        while len(self._prompt_cache) > self.prompt_cache_size:
-            self._prompt_cache.popitem(last=False)  # the least recently used
-        return value
-
-    def _encode_uncached(self, prompts: list[str], negatives: list[str] | None, clip_skip: int | None,
-                         weighting: bool) -> tuple[Tensor, Tensor | None]:
+        """(cond, uncond) text contexts; uncond is None without negatives (no guidance)."""
         if negatives is None:
             return self.encode_prompt(prompts, clip_skip, weighting), None
         return encode_prompt_pair(self.tokenizer, self.text_encoder, prompts, negatives, clip_skip, weighting)
+
+    @property
+    def prompt_cache_size(self) -> int:
+        """How many prompt encodings the pipeline keeps (ldm.optimize.PromptCache); 0 turns the cache off."""
+        return self._prompt_cache.size
+
+    @prompt_cache_size.setter
+    def prompt_cache_size(self, size: int) -> None:
+        self._prompt_cache.size = size
 
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()
@@ -395,11 +414,6 @@ class StableDiffusionPipeline:
             return schedulers.from_name(scheduler, dict(self.scheduler.config))
         _check_scheduler(scheduler)
         return scheduler
-
-    def _strength_timesteps(self, scheduler: Any, steps: int, strength: float) -> Tensor:
-        """The tail of the schedule img2img runs: the last int(steps * strength) steps (diffusers' get_timesteps;
-        the scheduler's begin index is set to match)."""
-        return scheduler.timesteps_for_strength(steps, strength)
 
     def _load_image(self, image: ImageInput, what: str) -> Tensor:
         pixels = image_to_tensor(image, what)  # (1, 3, H, W)
@@ -430,15 +444,11 @@ class StableDiffusionPipeline:
     # ------------------------------------------------------------------------------------------------------------
     # Running and decoding
 
-    def _run(self, run: _Run, latents: Tensor, timesteps: Tensor, output_type: str, *,
-             condition: Tensor | None = None, blend: Callable[[int, Tensor], Tensor] | None = None) -> PipelineOutput:
-        latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
-                                          step_kwargs=run.step_kwargs, callback=run.callback, condition=condition,
-                                          blend=blend)
+    def _output(self, latents: Tensor, steps_run: int, seeds: list[int] | None, output_type: str) -> PipelineOutput:
         if output_type == "latent":
-            return PipelineOutput(latents, latents, run.seeds, steps_run)
+            return PipelineOutput(latents, latents, seeds, steps_run)
         images = to_numpy(self.decode(latents))  # (B, H, W, 3) in [0, 1]
-        return PipelineOutput(to_pil(images) if output_type == "pil" else images, latents, run.seeds, steps_run)
+        return PipelineOutput(to_pil(images) if output_type == "pil" else images, latents, seeds, steps_run)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], float32.
@@ -477,19 +487,6 @@ class _Run:
     scheduler: Any
     step_kwargs: dict[str, Any]
     callback: Callback | None
-
-
-def _step_kwargs(scheduler: Any, generator: Generator, eta: float) -> dict[str, Any]:
-    """diffusers' prepare_extra_step_kwargs: pass `eta` and `generator` to step() where it takes them."""
-    params = inspect.signature(scheduler.step).parameters
-    kwargs: dict[str, Any] = {}
-    if "eta" in params:
-        kwargs["eta"] = float(eta)
-    elif eta != 0:
-        raise ValueError(f"eta={eta} needs a scheduler that takes it (DDIM); {type(scheduler).__name__} does not")
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -357,7 +357,7 @@ def _reference_pair(upcast: bool):
     vae.load_state_dict(ref_vae.state_dict(), strict=True)
     text = ldm.CLIPTextModel(CLIPTextConfig.from_transformers(REF_CLIP)).eval()
     text.load_state_dict(ref_text.state_dict(), strict=True)
-    family = dataclasses.replace(ldm.SD21_V if upcast else ldm.SD15, unet=unet.config, vae=vae.config, text=text.cfg,
+    family = dataclasses.replace(ldm.SD21_V if upcast else ldm.SD15, unet=unet.config, vae=vae.config, text=text.config,
                                  native_size=SIZE)
     ours = ldm.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text,
                                        tokenizer=ldm.CLIPTokenizer.from_dir(TOKENIZER_DIR / "sd15"),

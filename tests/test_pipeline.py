@@ -98,7 +98,7 @@ def pipelines(tiny, scheduler: str = "pndm", inpainting: bool = False, kind: str
               requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     family = dataclasses.replace(ldm.SD15_INPAINT if inpainting else ldm.SD15, unet=unet.config,
-                                 vae=tiny.vae[1].config, text=tiny.text[1].cfg, native_size=SIZE)
+                                 vae=tiny.vae[1].config, text=tiny.text[1].config, native_size=SIZE)
     ours = ldm.StableDiffusionPipeline(unet=unet, vae=tiny.vae[1], text_encoder=tiny.text[1],
                                        tokenizer=tiny.tokenizer[1],
                                        scheduler=ldm.schedulers.from_name(scheduler, config), family=family)
@@ -425,6 +425,21 @@ def test_vae_decode_retries_in_fp32_when_half_precision_overflows(tiny):
     assert any("decoding again in float32" in str(w.message) for w in caught)
     assert np.isfinite(out.images).all() and out.images.std() > 0
     assert next(vae.parameters()).dtype == torch.bfloat16, "the VAE must go back to its dtype"
+
+
+def test_pipeline_composed_from_parts_without_family(tiny):
+    """As a diffusers user composes one: the parts alone, no family=. The image is the same as with the family,
+    and the default size comes from the parts (diffusers' rule: unet.sample_size x the VAE's factor)."""
+    _, ours = pipelines(tiny, "ddim")
+    composed = ldm.StableDiffusionPipeline(unet=ours.unet, vae=ours.vae, text_encoder=ours.text_encoder,
+                                           tokenizer=ours.tokenizer, scheduler=ours.scheduler)
+    assert composed.family is None
+    kw = dict(seed=5, num_inference_steps=2, height=SIZE, width=SIZE, output_type="np")
+    assert np.array_equal(composed(PROMPTS[0], **kw).images, ours(PROMPTS[0], **kw).images)
+    assert composed.native_size == ours.unet.config.sample_size * ours.vae_scale_factor
+    with pytest.raises(TypeError, match="family must be an ldm.config.FamilyPreset or None"):
+        ldm.StableDiffusionPipeline(unet=ours.unet, vae=ours.vae, text_encoder=ours.text_encoder,
+                                    tokenizer=ours.tokenizer, scheduler=ours.scheduler, family="sd15")
 
 
 def _copy(module: torch.nn.Module) -> torch.nn.Module:
