@@ -23,17 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm import schedulers
 from ldm.config import FAMILIES
+from ldm.hub import SINGLE_FILE_SUFFIXES
 from ldm.images import a1111_parameters, image_to_tensor, mask_to_tensor, model_hash, save_png
 
-SCHEDULERS = ("ddim", "lms", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras")
-# The name of a loaded model's own scheduler, for the PNG metadata (diffusers class name -> our name).
-_SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms", "PNDMScheduler": "pndm",
-                    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
-                    "DPMSolverMultistepScheduler": "dpm++2m"}
+SCHEDULERS = tuple(schedulers.SCHEDULERS)  # the names --scheduler takes
 DTYPES = ("fp32", "bf16", "fp16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 class UsageError(Exception):
@@ -160,7 +157,7 @@ def generate(args: argparse.Namespace) -> int:
     except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)
         raise UsageError(_one_line(e)) from None
 
-    sampler = args.scheduler or _SCHEDULER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__)
+    sampler = args.scheduler or schedulers.name_of(pipe.scheduler)
     extra: dict[str, Any] = {}
     if args.init_image is not None:
         extra["Denoising strength"] = _strength(args)
@@ -291,7 +288,7 @@ def _check_model(args: argparse.Namespace) -> None:
 
 def _looks_like_hub_id(value: str) -> bool:
     """'org/name' (not a path that happens to be missing: no leading ./ or /, no checkpoint suffix)."""
-    return bool(_HUB_ID.match(value)) and not value.lower().endswith(_CHECKPOINT_SUFFIXES)
+    return bool(_HUB_ID.match(value)) and not value.lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
 def _check_outputs(args: argparse.Namespace) -> list[Path]:

@@ -139,7 +139,7 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         if not isinstance(cfg, CLIPTextConfig):
             raise TypeError(f"CLIPTextModel: cfg must be a CLIPTextConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+        self.config = cfg  # transformers' name
         self.text_model = CLIPTextTransformer(cfg)
         self.register_load_state_dict_pre_hook(_accept_layouts)
 
@@ -179,9 +179,9 @@ class CLIPTextModel(nn.Module):
         (position 0 when a row has none, as transformers' argmax gives).
         """
         ids = input_ids.to(torch.int)  # transformers casts to int32 before argmax (ONNX); ties resolve the same
-        if self.cfg.eos_token_id == 2:
+        if self.config.eos_token_id == 2:
             return ids.argmax(dim=-1)
-        return (ids == self.cfg.eos_token_id).int().argmax(dim=-1)
+        return (ids == self.config.eos_token_id).int().argmax(dim=-1)
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor):
@@ -192,15 +192,15 @@ class CLIPTextModel(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"CLIPTextModel: input_ids must be 2-D (batch, tokens), got shape "
                              f"{tuple(input_ids.shape)}")
-        S, limit = input_ids.shape[1], self.cfg.max_position_embeddings
+        S, limit = input_ids.shape[1], self.config.max_position_embeddings
         if S == 0 or S > limit:
             raise ValueError(f"CLIPTextModel: input_ids has {S} tokens per row, expected 1 to "
                              f"max_position_embeddings = {limit}")
         # meta tensors (shape-only runs, `ldm inspect`) have no values to check
         if input_ids.numel() and input_ids.device.type != "meta" and (
-                input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.cfg.vocab_size)][0].item()
-            raise ValueError(f"CLIPTextModel: token id {bad} is out of range [0, vocab_size = {self.cfg.vocab_size})")
+                input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+            raise ValueError(f"CLIPTextModel: token id {bad} is out of range [0, vocab_size = {self.config.vocab_size})")
 
     @staticmethod
     def _check_mask(attention_mask: Tensor, input_ids: Tensor) -> None:
@@ -219,6 +219,11 @@ def _accept_layouts(module: nn.Module, state_dict: dict[str, Any], prefix: str, 
       not a weight; dropped.
     - transformers 5.x's unprefixed keys (`embeddings.token_embedding.weight`, ...): given the `text_model.` prefix.
     Anything else unknown or missing is left to torch's strict check, which names the key.
+
+    Kept in the model, unlike the VAE's old attention names (weights_convert/ maps those): both are layouts that
+    transformers' own CLIPTextModel saves and loads, and the public contract (DESIGN.md, "Public entry points")
+    promises that a transformers 5.x state dict loads into `ldm.CLIPTextModel` as it is. The converter's folder
+    rules accept the same two layouts, so a file loads the same either way.
     """
     for key in list(state_dict):
         if not key.startswith(prefix):

@@ -323,13 +323,13 @@ class FamilyPreset:
     scheduler_class: str  # the diffusers class name of the family's default scheduler
     pad_token: str  # the tokenizer's padding token: "<|endoftext|>" (SD 1) or "!" (SD 2)
     native_size: int  # default image height and width in pixels
-    _scheduler_extra: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    scheduler_overrides: tuple[tuple[str, Any], ...] = field(default=(), repr=False)  # keys beyond _SCHEDULE
 
     @property
     def scheduler(self) -> dict[str, Any]:
         """The family's default scheduler_config.json as a fresh dict (diffusers-style keys)."""
         return {"_class_name": self.scheduler_class, **dict(_SCHEDULE), "prediction_type": self.prediction_type,
-                **dict(self._scheduler_extra)}
+                **dict(self.scheduler_overrides)}
 
 
 _VAE = VAEConfig()
@@ -355,5 +355,5 @@ FAMILIES: dict[str, FamilyPreset] = {p.name: p for p in (SD15, SD21_BASE, SD21_V
 def family(name: str) -> FamilyPreset:
     """The preset for a family name, or a ValueError listing the known ones."""
     if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {name!r}: family must be one of {', '.join(FAMILIES)}")
     return FAMILIES[name]

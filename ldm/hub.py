@@ -16,15 +16,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-WEIGHT_FILES = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# The one list of weight-file names: a diffusers folder's component (= subfolder) -> its weights file stem, and the
+# suffixes of single-file checkpoints (weights_convert reads and writes these; the CLI tells files from hub ids).
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 def needed_patterns(variant: str | None = None) -> list[str]:
     """allow_patterns for snapshot_download: configs, tokenizer, and the safetensors weights of one variant."""
     mid = f".{variant}" if variant else ""
     patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
-    for sub, stem in WEIGHT_FILES:
+    for sub, stem in WEIGHT_FILES.items():
         patterns += [f"{sub}/config.json", f"{sub}/{stem}{mid}.safetensors",
                      f"{sub}/{stem}.safetensors.index{mid}.json", f"{sub}/{stem}{mid}.safetensors.index.json",
                      f"{sub}/{stem}-*-of-*{mid}.safetensors"]
@@ -37,7 +40,7 @@ def _offline() -> bool:
 
 def _has_weights(folder: Path, variant: str | None) -> bool:
     mid = f".{variant}" if variant else ""
-    return all(any((folder / sub).glob(f"{stem}*{mid}.safetensors")) for sub, stem in WEIGHT_FILES)
+    return all(any((folder / sub).glob(f"{stem}*{mid}.safetensors")) for sub, stem in WEIGHT_FILES.items())
 
 
 def resolve(path_or_id: str | os.PathLike, *, variant: str | None = None, cache_dir: str | os.PathLike | None = None,

@@ -65,7 +65,7 @@ def compare(ref: transformers.CLIPTextModel, ours: CLIPTextModel, ids: torch.Ten
     with torch.no_grad():
         r = ref(ids, output_hidden_states=True, **kw)
         o = ours(ids, **kw)
-    assert len(o.hidden_states) == len(r.hidden_states) == ours.cfg.num_hidden_layers + 1
+    assert len(o.hidden_states) == len(r.hidden_states) == ours.config.num_hidden_layers + 1
     errs = {"last": rel_err(o.last_hidden_state, r.last_hidden_state),
             "penultimate": rel_err(o.hidden_states[-2], r.hidden_states[-2]),
             "pooled": rel_err(o.pooler_output, r.pooler_output),

@@ -308,7 +308,7 @@ def test_finished_run_writes_curve_samples_and_a_loadable_model(tmp_path):
     assert (out / "vae_reconstructions.png").is_file() and (out / "latent_channels.png").is_file()
     assert json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
     pipe = ldm.load_pipeline(model)
-    assert pipe.unet.config == TINY_UNET and pipe.text_encoder.cfg == TINY_TEXT
+    assert pipe.unet.config == TINY_UNET and pipe.text_encoder.config == TINY_TEXT
     assert pipe.vae.config.scaling_factor == pytest.approx(trainer.scaling_factor)
     ema_unet = trainer.ema["unet"].shadow
     for key, value in pipe.unet.state_dict().items():  # fp16 in the file: the EMA weights, rounded

@@ -126,12 +126,14 @@ def render_doc() -> str:
 
 def inspect(path: Path, allow_pickle: bool) -> str:
     """A report on one file or folder: family, components, dtypes, parameter counts, keys no rule knows."""
-    from weights_convert.load import FOLDER_WEIGHTS, folder_weights, open_source
+    from ldm.hub import WEIGHT_FILES
+    from weights_convert.load import folder_weights, open_source
 
     out = [f"path: {path}"]
     if path.is_dir():
         out.append("layout: diffusers folder")
-        for component, (sub, stem) in FOLDER_WEIGHTS.items():
+        for component, stem in WEIGHT_FILES.items():
+            sub = component
             try:
                 src = folder_weights(path / sub, stem, None, allow_pickle)
             except CheckpointError as e:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ldm.config import FAMILIES, FamilyPreset
+from ldm.config import family as preset_named
 
 from weights_convert.clip_rules import SD1_LEGACY_PREFIX, SD1_PREFIX, SD2_PREFIX, clip_rules, openclip_rules
 from weights_convert.rules import Rule, drop
@@ -106,9 +107,7 @@ def resolve_family(layout: Layout, family: str | FamilyPreset | None, path: Path
     if isinstance(family, FamilyPreset):
         preset = family
     elif family is not None:
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
-        preset = FAMILIES[family]
+        preset = preset_named(family)
     else:
         name = _sidecar_family(path, layout)
         if name is None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ldm.config import DIFFUSERS_VERSION
+from ldm.hub import WEIGHT_FILES
 
 from weights_convert.load import Components
 from weights_convert.safetensors_file import write_streaming
@@ -81,12 +82,12 @@ def _write_folder(parts: Any, out: Path, dtype: torch.dtype | None, variant: str
     mid = f".{variant}" if variant else ""
     weights_dtype = dtype or next(parts.unet.parameters()).dtype
     _write_json(out / "unet" / "config.json", parts.family.unet.to_diffusers())
-    _write_weights(parts.unet, out / "unet" / f"diffusion_pytorch_model{mid}.safetensors", dtype)
+    _write_weights(parts.unet, out / "unet" / f"{WEIGHT_FILES['unet']}{mid}.safetensors", dtype)
     _write_json(out / "vae" / "config.json", parts.family.vae.to_diffusers())
-    _write_weights(parts.vae, out / "vae" / f"diffusion_pytorch_model{mid}.safetensors", dtype)
+    _write_weights(parts.vae, out / "vae" / f"{WEIGHT_FILES['vae']}{mid}.safetensors", dtype)
     _write_json(out / "text_encoder" / "config.json", parts.family.text.to_transformers(
         str(weights_dtype).removeprefix("torch.")))
-    _write_weights(parts.text_encoder, out / "text_encoder" / f"model{mid}.safetensors", dtype)
+    _write_weights(parts.text_encoder, out / "text_encoder" / f"{WEIGHT_FILES['text_encoder']}{mid}.safetensors", dtype)
     scheduler = {k: v for k, v in dict(parts.scheduler.config).items() if k != "_use_default_values"}
     scheduler.setdefault("_class_name", type(parts.scheduler).__name__)
     _write_json(out / "scheduler" / "scheduler_config.json", scheduler)

@@ -40,6 +40,15 @@ def from_name(name: str, config: Mapping[str, Any]) -> Scheduler:
     return SCHEDULERS[name].from_config(config, **OVERRIDES.get(name, {}))
 
 
+def name_of(scheduler: Scheduler) -> str:
+    """The SCHEDULERS name of a scheduler object (for the PNG metadata), its class name if it has none."""
+    for name, cls in reversed(SCHEDULERS.items()):  # the most specific first: "dpm++2m-karras" before "dpm++2m"
+        overrides = OVERRIDES.get(name, {})
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in overrides.items()):
+            return name
+    return type(scheduler).__name__
+
+
 __all__ = ["OVERRIDES", "SCHEDULERS", "AlphaScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
            "EulerDiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "Scheduler", "SigmaScheduler",
-           "from_name"]
+           "from_name", "name_of"]

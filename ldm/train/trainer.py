@@ -45,9 +45,7 @@ from ldm.vae import AutoencoderKL
 CHECKPOINT = "checkpoint.safetensors"
 UNET_DATA_OFFSET = 10_000_000  # the UNet stage reads dataset samples from here on: unseen by the VAE stage
 # The noise schedule of every SD 1.x / 2.x model (DESIGN.md), with DDIM as the sampler the model ships with.
-SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1, "set_alpha_to_one": False,
-             "clip_sample": False, "prediction_type": "epsilon"}
+SCHEDULER = replace(SD15, scheduler_class="DDIMScheduler", scheduler_overrides=()).scheduler
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -196,7 +194,7 @@ def random_crops(x: Tensor, size: int, generator: torch.Generator) -> Tensor:
 def family_preset(cfg: TrainConfig, scaling_factor: float) -> FamilyPreset:
     """An SD 1.x-style family for the trained parts (quick_gelu CLIP, epsilon, DDIM, native size image_size)."""
     return replace(SD15, unet=cfg.unet, vae=replace(cfg.vae, scaling_factor=scaling_factor), text=cfg.text,
-                   scheduler_class="DDIMScheduler", native_size=cfg.image_size, _scheduler_extra=())
+                   scheduler_class="DDIMScheduler", native_size=cfg.image_size, scheduler_overrides=())
 
 
 # ------------------------------------------------------------------------------------------------------------------
