@@ -159,7 +159,6 @@ class UpDecoderBlock2D(nn.Module):
 
 
 # diffusers' deprecated attention-block names -> the current ones (ModelMixin._convert_deprecated_attention_blocks)
-_OLD_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 class VAEAttention(AttentionLayer):
@@ -167,8 +166,8 @@ class VAEAttention(AttentionLayer):
 
     The one place in the VAE where every position sees every other: it gives the lowest-resolution features a
     global view (colour and lighting consistency across the image). One head as wide as the channels (diffusers:
-    heads = C // attention_head_dim with attention_head_dim = C). Old state dicts name the projections
-    `query/key/value/proj_attn`; a load hook renames them (diffusers' deprecated attention-block names).
+    heads = C // attention_head_dim with attention_head_dim = C). Old diffusers files name the projections
+    `query/key/value/proj_attn`: the converter (weights_convert/load.py, `folder_rules`) maps them.
     """
 
     def __init__(self, channels: int, groups: int) -> None:
@@ -179,20 +178,6 @@ class VAEAttention(AttentionLayer):
         self.to_v = nn.Linear(channels, channels)
         # key-compat: diffusers' to_out is [Linear, Dropout]; the dropout has no weights, so only `to_out.0` exists
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
-        self._register_load_state_dict_pre_hook(self._rename_old_keys)
-
-    @staticmethod
-    def _rename_old_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-        """Rename `query/key/value/proj_attn` to `to_q/to_k/to_v/to_out.0` in the (copied) state dict.
-
-        A key is renamed only when its new name is absent, so a dict holding both stays ambiguous and a strict
-        load reports the old one as unexpected.
-        """
-        for old, new in _OLD_ATTENTION_KEYS.items():
-            for kind in ("weight", "bias"):
-                old_key, new_key = f"{prefix}{old}.{kind}", f"{prefix}{new}.{kind}"
-                if old_key in state_dict and new_key not in state_dict:
-                    state_dict[new_key] = state_dict.pop(old_key)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""

@@ -16,11 +16,9 @@ then read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ import torch
 from torch import nn
 
 from ldm.config import FAMILIES, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
+from ldm.config import family as preset_named
+from ldm.hub import PICKLE_SUFFIXES, WEIGHT_FILES
 
 from weights_convert.checkpoint import checkpoint_rules, detect_layout, resolve_family
 from weights_convert.convert import MAX_LISTED, DictSource, Source, tensors, verify
@@ -37,11 +37,7 @@ from weights_convert.safetensors_file import CheckpointError, SafetensorsFile
 from weights_convert.vae_rules import PREFIX as VAE_PREFIX
 from weights_convert.vae_rules import vae_rules
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 COMPONENTS = ("unet", "vae", "text_encoder")
-# diffusers folder layout: component -> (subfolder, weights file stem)
-FOLDER_WEIGHTS = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
-                  "text_encoder": ("text_encoder", "model")}
 
 
 @dataclass
@@ -138,32 +134,14 @@ def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> Source:
 # Building models on the meta device and filling them
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Inside the block, every parameter a module registers lives on the meta device (no memory, init is a no-op).
-
-    Buffers stay real, so a model's non-persistent buffers (not in any file) are built as usual.
-    """
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
 def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
     from ldm.clip import CLIPTextModel
     from ldm.unet import UNet2DConditionModel
     from ldm.vae import AutoencoderKL
 
-    with _parameters_on_meta():
+    # Every parameter on the meta device: no memory, init is a no-op; load_state_dict(assign=True) then puts the
+    # file's tensors in. (The models hold no buffers a file lacks, so nothing real needs building here.)
+    with torch.device("meta"):
         if component == "unet":
             return UNet2DConditionModel(preset.unet)
         if component == "vae":
@@ -263,10 +241,28 @@ def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool
     return ShardedSource([SafetensorsFile(sub / s) for s in shards], first)
 
 
+# diffusers < 0.14 saved the VAE's attention projections under these names (its deprecated attention block)
+OLD_VAE_ATTENTION_KEYS = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def _old_vae_key(key: str, keys: set[str]) -> str:
+    """The deprecated name of a VAE attention key when the file uses it (and not also the current name)."""
+    for new, old in OLD_VAE_ATTENTION_KEYS.items():
+        if f".attentions.0.{new}." in key:
+            old_key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+            if old_key in keys and key not in keys:
+                return old_key
+    return key
+
+
 def folder_rules(component: str, expected: dict[str, tuple[int, ...]], source: Source) -> list[Rule]:
-    """A diffusers folder holds our keys already: the identity table, plus the text encoder's other layouts
-    (transformers 5.x saves CLIPTextModel without the `text_model.` prefix; old files carry `position_ids`)."""
-    prefixed = component != "text_encoder" or any(k.startswith("text_model.") for k in source.keys())
+    """A diffusers folder holds our keys already: the identity table, plus the other layouts of the same weights
+    (transformers 5.x saves CLIPTextModel without the `text_model.` prefix; old files carry `position_ids`; old
+    diffusers VAEs name their attention projections `query/key/value/proj_attn`)."""
+    keys = set(source.keys())
+    prefixed = component != "text_encoder" or any(k.startswith("text_model.") for k in keys)
+    if component == "vae":
+        return [Rule(_old_vae_key(k, keys), (k,), component) for k in expected]
     rules = [Rule(k if prefixed else k.removeprefix("text_model."), (k,), component) for k in expected]
     if component == "text_encoder":
         rules.append(drop(f"{'text_model.' if prefixed else ''}embeddings.position_ids", "a buffer", optional=True))
@@ -285,8 +281,7 @@ def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, schedul
         name = "sd21-v" if scheduler.get("prediction_type") == "v_prediction" else "sd21-base"
     wanted = family.name if isinstance(family, FamilyPreset) else family
     if wanted is not None and wanted != name:
-        if wanted not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {wanted!r}")
+        preset_named(wanted)  # an unknown name is a ValueError listing the known ones
         raise CheckpointError(f"{folder}: its configs describe a {name!r} model, not the requested family "
                               f"{wanted!r}")
     return name
@@ -317,8 +312,7 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     sources: dict[str, Source] = {}
     rules: dict[str, list[Rule]] = {}
     for c, model in models.items():  # verify every component before filling any
-        sub, stem = FOLDER_WEIGHTS[c]
-        sources[c] = folder_weights(folder / sub, stem, variant, allow_pickle)
+        sources[c] = folder_weights(folder / c, WEIGHT_FILES[c], variant, allow_pickle)
         rules[c] = folder_rules(c, _expected(model), sources[c])
         verify(rules[c], sources[c], {c: _expected(model)}, what=f"diffusers {c}")
     filled = {c: _fill(m, rules[c], sources[c], c, dtype, device) for c, m in models.items()}
@@ -336,14 +330,14 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
     if path.is_dir():
         sub = path / "vae" if (path / "vae").is_dir() else path
         cfg = VAEConfig.from_diffusers(_read_json(sub / "config.json"))
-        source = folder_weights(sub, "diffusion_pytorch_model", None, allow_pickle)
+        source = folder_weights(sub, WEIGHT_FILES["vae"], None, allow_pickle)
         diffusers_layout = True
     else:
         cfg = config or VAEConfig()
         source = open_source(path, allow_pickle)
         keys = set(source.keys())
         diffusers_layout = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys)
-    with _parameters_on_meta():
+    with torch.device("meta"):
         model = AutoencoderKL(cfg)
     expected = _expected(model)
     if diffusers_layout:
