@@ -29,6 +29,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ldm.attention import AttentionLayer
@@ -160,19 +161,17 @@ class Attention(AttentionLayer):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x: (B, L, D), context: (B, S, D_text) or None (self-attention) -> (B, L, D)."""
-        B, L, D = x.shape
-        nh, hd = self.heads, D // self.heads
         q, k, v = self._project(x, context)
-        q = q.view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, L, hd)
-        k = k.view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, S, hd)
-        v = v.view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, S, hd)
+        q = rearrange(q, "b l (nh hd) -> b nh l hd", nh=self.heads)  # (B, nh, L, hd): split the heads
+        k = rearrange(k, "b s (nh hd) -> b nh s hd", nh=self.heads)  # (B, nh, S, hd)
+        v = rearrange(v, "b s (nh hd) -> b nh s hd", nh=self.heads)  # (B, nh, S, hd)
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             # upcast_attention (SD 2.1-768): in fp16 its q @ k^T overflows and the image turns black, so this layer
             # computes its scores, softmax and weighted sum in fp32. fp32 inputs are untouched, matching diffusers.
             out = self.attend(q.float(), k.float(), v.float(), mask).to(q.dtype)
         else:
             out = self.attend(q, k, v, mask)  # (B, nh, L, hd)
-        out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        out = rearrange(out, "b nh l hd -> b l (nh hd)")  # (B, L, D): merge the heads
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -238,11 +237,11 @@ class Transformer2DModel(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W), context: (B, S, D_text) -> (B, C, H, W)."""
-        B, C, H, W = x.shape
+        H = x.shape[2]
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, L, D)
+        h = rearrange(h, "b c h w -> b (h w) c")  # (B, L, D): one token per latent pixel
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
@@ -251,7 +250,7 @@ class Transformer2DModel(nn.Module):
             h = self.proj_out(h)
         # (B, C, H, W) laid out as x is: a channels_last x (ldm/optimize.py) needs no copy here, the permuted view
         # already is channels_last in memory; a contiguous x gets the usual NCHW copy.
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
+        h = rearrange(h, "b (h w) c -> b c h w", h=H).contiguous(memory_format=_memory_format(x))
         if not self.linear:
             h = self.proj_out(h)
         return x + h
