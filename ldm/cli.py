@@ -86,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
     g.set_defaults(run=generate)
 
-    from ldm import inspect  # the layer tables of `ldm inspect MODEL` live with their code in ldm/inspect.py
+    from ldm import summary  # the layer tables of `ldm inspect MODEL` live with their code in ldm/summary.py
 
     i = commands.add_parser("inspect", help="layer tables of a model (a family preset needs no weights)",
                             description="Layer tables (name, input and output shapes, parameters) of each part.")
-    inspect.add_arguments(i)
-    i.set_defaults(run=inspect.run)
+    summary.add_arguments(i)
+    i.set_defaults(run=summary.run)
 
     from ldm.train import cli as train_cli  # `ldm train`: its options and run live in ldm/train/cli.py
 

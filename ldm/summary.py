@@ -262,7 +262,7 @@ def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command line: `ldm inspect MODEL` (ldm/cli.py registers these) or `python -m ldm.inspect MODEL`
+# The command line: `ldm inspect MODEL` (ldm/cli.py registers these) or `python -m ldm.summary MODEL`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

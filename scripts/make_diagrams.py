@@ -5,8 +5,8 @@
     python scripts/make_diagrams.py --vae PATH   # the latent channels from a real VAE (a checkpoint or folder)
 
 Writes into docs/images/:
-- diagram_data_path.svg   prompt to pixels, every shape (from ldm.inspect at 512 x 512, SD 1.5 and SD 2.x widths)
-- diagram_unet.svg        the UNet's levels, channels and spatial sizes, skip connections (ldm.inspect, SD 1.5)
+- diagram_data_path.svg   prompt to pixels, every shape (from ldm.summary at 512 x 512, SD 1.5 and SD 2.x widths)
+- diagram_unet.svg        the UNet's levels, channels and spatial sizes, skip connections (ldm.summary, SD 1.5)
 - learn_vae_latents.png   the four latent channels of the drawn picture of docs/learn/03_vae.md (full-size VAE;
                           trained-like random weights unless --vae is given: say so where it is shown)
 - learn_noise_levels.png  signal sqrt(alpha_bar), noise sqrt(1 - alpha_bar) and sigma over a 50-step DDIM run
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import ldm  # noqa: E402
 from ldm.images import image_to_tensor  # noqa: E402
-from ldm.inspect import inspect_model  # noqa: E402
+from ldm.summary import inspect_model  # noqa: E402
 
 OUT = ROOT / "docs" / "images"
 BLUE, RED, GREEN, GREY = (31, 119, 180), (214, 39, 40), (44, 160, 44), (120, 120, 120)

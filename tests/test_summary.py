@@ -1,4 +1,4 @@
-"""ldm.inspect: layer tables on the meta device, against the published parameter counts and the posts' tables.
+"""ldm.summary: layer tables on the meta device, against the published parameter counts and the posts' tables.
 
 The expected numbers are the published totals (DESIGN.md's family table: VAE 83,653,863; CLIP text 123,060,480 /
 340,387,840; UNet 859,520,964 / 865,910,724) and the per-block counts of the torchinfo tables in the seed posts
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import ldm
-from ldm.inspect import COMPONENTS, example_inputs, inspect_model, main, summarize
+from ldm.summary import COMPONENTS, example_inputs, inspect_model, main, summarize
 
 TOTALS = {
     "sd15": {"vae": 83_653_863, "text_encoder": 123_060_480, "unet": 859_520_964},
