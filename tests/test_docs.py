@@ -9,11 +9,13 @@ differs fails the test, with the page, the line and a diff). A page holding `<!-
 slow. Other fences (```console, ```text without a python block before it) are not run.
 
 Also checked: every relative link of docs/index.md and docs/learn/ points to an existing file; a link of the form
-[`Name.attr`](path.py) names a class or function defined in that file (the pages link to the code they explain);
-every image is under 200 KB.
+[`Name.attr`](path.py#L12) names a class or function defined in that file and lands on it: its line anchor is the
+line of that `def` / `class` (the pages link to the code they explain); every image is under 200 KB.
 
 `python -m tests.test_docs --fill docs/learn/PAGE.md` rewrites a page's text blocks with what its snippets print
 now (for writing a page; review the diff against the facts the page claims before committing).
+`python -m tests.test_docs --anchors docs/learn/*.md docs/index.md` rewrites the line anchors of the code links to
+where each name is defined now (after the code moved).
 """
 
 from __future__ import annotations
@@ -163,6 +165,30 @@ def test_harness_rejects_an_unclosed_fence() -> None:
 LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
 
 
+def code_name(label: str, target: str) -> str | None:
+    """The dotted name a link explains ([`Class.method`](file.py) -> "Class.method"), None for other links."""
+    if not target.split("#")[0].endswith(".py") or not (label.startswith("`") and label.endswith("`")) \
+            or "/" in label:
+        return None
+    name = label.strip("`").split("(")[0]
+    return name if re.fullmatch(r"[A-Za-z_][\w.]*", name) else None
+
+
+def definition_line(source: str, name: str) -> int | None:
+    """The 1-based line where `name` ("func", "Class" or "Class.method"; a leading module path is ignored) is
+    defined in `source`, or None."""
+    lines = source.splitlines()
+    parts = name.split(".")
+    start = 0
+    if len(parts) > 1:  # Class.method: the method's def after its class's line
+        owner = next((i for i, line in enumerate(lines) if re.match(rf"class {parts[-2]}\b", line)), None)
+        start = 0 if owner is None else owner
+    for i in range(start, len(lines)):
+        if re.match(rf"\s*(def|class) {parts[-1]}\b|{parts[-1]} = ", lines[i]):
+            return i + 1
+    return None
+
+
 @pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: p.name)
 def test_links_point_to_existing_files_and_names(page: Path) -> None:
     assert page.is_file(), page
@@ -172,14 +198,29 @@ def test_links_point_to_existing_files_and_names(page: Path) -> None:
             continue
         path = (page.parent / target.split("#")[0]).resolve()
         assert path.exists(), f"{page.name}: link [{label}]({target}) points to a missing file"
-        if path.suffix == ".py" and label.startswith("`") and label.endswith("`") and "/" not in label:
-            name = label.strip("`").split("(")[0].split(".")[-1]
-            if re.fullmatch(r"[A-Za-z_]\w*", name) and not path.name.startswith(name):
-                source = path.read_text()
-                assert re.search(rf"^\s*(def|class) {name}\b|^{name} = ", source, re.M), (
-                    f"{page.name}: [{label}]({target}): no def/class {name} in {path.name}")
+        name = code_name(label, target)
+        if name is not None and not path.name.startswith(name.split(".")[-1]):
+            line = definition_line(path.read_text(), name)
+            assert line is not None, f"{page.name}: [{label}]({target}): no def/class {name} in {path.name}"
+            assert target.endswith(f"#L{line}"), (
+                f"{page.name}: [{label}]({target}) must land on line {line}, where {name} is defined "
+                f"(python -m tests.test_docs --anchors {page.relative_to(ROOT)})")
         if path.suffix in (".png", ".svg"):
             assert path.stat().st_size <= IMAGE_LIMIT, f"{path.name} is {path.stat().st_size:,} bytes"
+
+
+def set_anchors(page: Path) -> None:
+    """Rewrite the line anchor of each code link of `page` to the line where its name is defined now."""
+    def anchored(m: re.Match) -> str:
+        label, target = m.group(1), m.group(2)
+        name = code_name(label, target)
+        path = (page.parent / target.split("#")[0]).resolve()
+        if name is None or not path.is_file() or path.name.startswith(name.split(".")[-1]):
+            return m.group(0)
+        line = definition_line(path.read_text(), name)
+        return m.group(0) if line is None else f"[{label}]({target.split('#')[0]}#L{line})"
+
+    page.write_text(LINK.sub(anchored, page.read_text()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +248,7 @@ def fill(page: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "--fill":
-        raise SystemExit("usage: python -m tests.test_docs --fill docs/learn/PAGE.md [...]")
+    if len(sys.argv) < 3 or sys.argv[1] not in ("--fill", "--anchors"):
+        raise SystemExit("usage: python -m tests.test_docs --fill|--anchors docs/learn/PAGE.md [...]")
     for arg in sys.argv[2:]:
-        fill(Path(arg))
+        (fill if sys.argv[1] == "--fill" else set_anchors)(Path(arg))
