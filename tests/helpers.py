@@ -1,13 +1,28 @@
-"""Shared test utilities: relative error, trained-like random weights, fixture paths."""
+"""Shared test utilities: relative error, trained-like random weights, fixture paths, and the builders several test
+modules use (the tiny pipeline and its reference kwargs, tiny family presets). Test modules import from here, never
+from each other; shared fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+
+import ldm
+from ldm.clip import CLIPTextModel
+from ldm.config import SD15, SD21_BASE, CLIPTextConfig, UNetConfig, VAEConfig
+from ldm.pipeline import StableDiffusionPipeline
+from ldm.schedulers import DDIMScheduler
+from ldm.tokenizer import CLIPTokenizer
+from ldm.unet import UNet2DConditionModel
+from ldm.vae import AutoencoderKL
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DIFFUSERS_CONFIGS = FIXTURES / "diffusers_configs"
@@ -59,3 +74,174 @@ def diffusers_config(family: str, component: str) -> dict:
     folder = DIFFUSERS_CONFIGS / family / component
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
     return load_json(folder / name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny SD 1.x pipeline of the pipeline tests: diffusers components with trained-like weights, ours holding the
+# same weights (the `tiny` fixture in conftest.py builds them)
+
+
+LATENT_TOL = 1e-4  # the contract for final latents (see the module docstring)
+
+
+SIZE = 64  # px: 8x8 latents
+
+
+PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
+
+
+NEGATIVES = ["blurry", "low quality, jpeg artefacts"]
+
+
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32)
+
+
+VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE)
+
+
+CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0, eos_token_id=2,
+            pad_token_id=1)
+
+
+def assert_images_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    """Float images in [0, 1] as uint8: at most 1 level apart, on at most 0.1% of the values."""
+    a, b = (ours * 255).round().astype(np.int16), (ref * 255).round().astype(np.int16)
+    assert a.shape == b.shape, f"image shapes differ: {a.shape} vs {b.shape}"
+    diff = np.abs(a - b)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, \
+        f"images differ: max {diff.max()} levels, {(diff > 0).mean():.2e} of values differ"
+
+
+def ref_scheduler(name: str, config: dict):
+    import diffusers
+
+    classes = {"ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler", "pndm": "PNDMScheduler",
+               "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+               "dpm++2m": "DPMSolverMultistepScheduler", "dpm++2m-karras": "DPMSolverMultistepScheduler"}
+    extra = {"use_karras_sigmas": True} if name == "dpm++2m-karras" else {}
+    return getattr(diffusers, classes[name]).from_config(config, **extra)
+
+
+def pipelines(tiny, scheduler: str = "pndm", inpainting: bool = False, kind: str = "txt2img"):
+    """(diffusers pipeline, ours) on the tiny weights with the named scheduler."""
+    import diffusers
+
+    ref_unet, unet = tiny.unet9 if inpainting else tiny.unet
+    config = tiny.scheduler_config
+    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+    ref = cls(unet=ref_unet, vae=tiny.vae[0], text_encoder=tiny.text[0], tokenizer=tiny.tokenizer[0],
+              scheduler=ref_scheduler(scheduler, config), safety_checker=None, feature_extractor=None,
+              requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    family = dataclasses.replace(ldm.SD15_INPAINT if inpainting else ldm.SD15, unet=unet.config,
+                                 vae=tiny.vae[1].config, text=tiny.text[1].config, native_size=SIZE)
+    ours = ldm.StableDiffusionPipeline(unet=unet, vae=tiny.vae[1], text_encoder=tiny.text[1],
+                                       tokenizer=tiny.tokenizer[1],
+                                       scheduler=ldm.schedulers.from_name(scheduler, config), family=family)
+    return ref, ours
+
+
+def run_ref(ref, *args, seed: int, n_images: int, **kw):
+    """diffusers with seed S as generator=[manual_seed(S + i)]; returns (float images, final latents)."""
+    captured = {}
+
+    def keep(pipe, i, t, tensors):
+        captured["latents"] = tensors["latents"]
+        return tensors
+
+    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n_images)]
+    out = ref(*args, generator=gens, output_type="np", callback_on_step_end=keep, **kw)
+    return out.images, captured["latents"]
+
+
+def picture(seed: int, size: int = SIZE) -> Image.Image:
+    """A smooth random RGB picture (a photo-like input for img2img)."""
+    g = np.random.default_rng(seed)
+    small = g.integers(0, 256, size=(size // 8, size // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
+
+
+def disc_mask(size: int = SIZE) -> Image.Image:
+    """White disc (repaint) on black (keep)."""
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2) ** 2 + (xx - size / 3) ** 2 < (size / 4) ** 2
+    return Image.fromarray((inside * 255).astype(np.uint8))
+
+
+def save_tiny_model_folder(folder: Path) -> Path:
+    """The tiny SD 1.x model (random, trained-like weights) saved by diffusers in its model-folder layout: what
+    `ldm.load_pipeline` and `ldm generate --model` read."""
+    import shutil
+
+    import diffusers
+    from transformers import CLIPTextConfig as RefCLIPTextConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=trained_like_(diffusers.UNet2DConditionModel(**UNET), seed=1),
+        vae=trained_like_(diffusers.AutoencoderKL(**VAE), seed=2),
+        text_encoder=trained_like_(CLIPTextModel(RefCLIPTextConfig(**CLIP)), seed=3),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15"),
+        scheduler=diffusers.PNDMScheduler.from_config(diffusers_config("sd15", "scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; the official model folders ship vocab.json + merges.txt as well
+    shutil.copytree(TOKENIZER_DIR / "sd15", folder / "tokenizer", dirs_exist_ok=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny family presets for the converter: synthetic single files are written from these shapes
+
+
+TINY_UNET = UNetConfig(block_out_channels=(32, 64), cross_attention_levels=(True, False), layers_per_block=1,
+                       num_heads=(2, 2), cross_attention_dim=32, norm_num_groups=8, sample_size=8)
+
+
+TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16)
+
+
+TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+TINY_SD1 = replace(SD15, unet=TINY_UNET, vae=TINY_VAE, text=TINY_CLIP)
+
+
+TINY_SD2 = replace(SD21_BASE, unet=replace(TINY_UNET, use_linear_projection=True),
+                   vae=TINY_VAE, text=replace(TINY_CLIP, hidden_act="gelu", num_hidden_layers=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference constructor arguments
+
+
+def reference_kwargs(cfg: VAEConfig) -> dict:
+    """diffusers AutoencoderKL constructor arguments for our config."""
+    n = len(cfg.block_out_channels)
+    names = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+             "norm_num_groups", "scaling_factor", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+    return {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n,
+            **{name: getattr(cfg, name) for name in names}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny pipeline of our own modules (no reference), for the research and prompt tests
+
+
+def tiny_pipeline(tok: CLIPTokenizer) -> StableDiffusionPipeline:
+    """Our own modules at tiny sizes with trained-like weights, the real tokenizer, DDIM."""
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    unet = UNetConfig(block_out_channels=(32, 64), cross_attention_levels=(True, True), num_heads=(2, 2),
+                      cross_attention_dim=32, norm_num_groups=8, sample_size=None)
+    vae = VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8)
+    return StableDiffusionPipeline(
+        unet=trained_like_(UNet2DConditionModel(unet), seed=1).eval(),
+        vae=trained_like_(AutoencoderKL(vae), seed=2).eval(),
+        text_encoder=trained_like_(CLIPTextModel(text), seed=3).eval(),
+        tokenizer=tok, scheduler=DDIMScheduler.from_config(SD15.scheduler), family=SD15)

@@ -19,9 +19,12 @@ import dataclasses
 import pytest
 import torch
 
-from ldm.attention import attention, attention_backend, attention_layers, attention_probs, set_attention_processor
-from ldm.config import UNetConfig
+import ldm.attention
+from ldm.attention import (attention, attention_backend, attention_layers, attention_probs, set_attention_chunk,
+                           set_attention_processor)
+from ldm.config import UNetConfig, VAEConfig
 from ldm.unet import Attention, UNet2DConditionModel
+from ldm.vae import AutoencoderKL
 from tests.helpers import assert_rel, trained_like_
 
 BACKEND_TOL = 1e-6  # one kernel call, fp32, same math, different summation order: observed ~1e-7
@@ -209,3 +212,91 @@ def test_mask_reaches_the_kernel() -> None:
         additive = layer(x, ctx, mask=torch.where(keep, 0.0, float("-inf"))[None, None, None, :])
     assert_rel(masked, truncated, BACKEND_TOL, "bool mask vs truncation")
     assert_rel(additive, truncated, BACKEND_TOL, "additive mask vs truncation")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked attention (set_attention_chunk; formerly tests/test_memory.py). Chunked attention computes the same thing
+# as one kernel call: every query row's softmax is independent of the other rows, so splitting the query axis
+# changes no arithmetic, only which BLAS kernel runs a piece. With pieces whose row count is a multiple of 8 the
+# "math" backend is bit-identical (x86 BLAS picks the same micro-kernel); for any chunk (1, 3, 7: tiny pieces use
+# other kernels and summation orders) both backends stay within CHUNK_TOL = 1e-6 relative (observed <= 3e-7);
+# masks with and without a query axis are cut correctly; no kernel call sees more than `chunk` query rows.
+
+CHUNK_TOL = 1e-6  # fp32, same formula per row, different summation orders in tiny BLAS pieces: observed <= 3e-7
+
+
+def qkv(L: int, S: int, seed: int = 0, B: int = 2, heads: int = 3, hd: int = 16) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, heads, L, hd, generator=g), torch.randn(B, heads, S, hd, generator=g),
+            torch.randn(B, heads, S, hd, generator=g))
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_chunks_of_multiples_of_8_rows_are_bit_identical(backend: str) -> None:
+    for S in (77, 256):  # cross-attention-like and self-attention-like
+        q, k, v = qkv(L=256, S=S, seed=S)
+        with attention_backend(backend):
+            whole = attention(q, k, v)
+            for chunk in (16, 64, 96, 128):
+                out = attention(q, k, v, chunk=chunk)
+                if backend == "math":
+                    assert torch.equal(out, whole), f"math, S={S}, chunk={chunk}: not bit-identical"
+                else:  # SDPA's CPU kernel may pick another path by length; rounding only
+                    assert_rel(out, whole, CHUNK_TOL, f"sdpa, S={S}, chunk={chunk}")
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_any_chunk_matches_within_rounding_with_masks(backend: str) -> None:
+    q, k, v = qkv(L=50, S=20, seed=4)
+    g = torch.Generator().manual_seed(5)
+    bool_rows = torch.rand(2, 1, 50, 20, generator=g) > 0.3  # a query axis: cut with q
+    bool_rows[..., 0] = True  # every row attends somewhere
+    masks = {
+        "none": None,
+        "bool (B, 1, L, S)": bool_rows,
+        "float (1, nh, 1, S)": torch.randn(1, 3, 1, 20, generator=g),  # query axis 1: broadcast to every piece
+        "float (L, S)": torch.randn(50, 20, generator=g),  # 2-D, query axis first
+        "bool (B, 1, 1, S)": torch.rand(2, 1, 1, 20, generator=g) > 0.2,  # a padding mask, broadcast over rows
+    }
+    with attention_backend(backend):
+        for what, mask in masks.items():
+            whole = attention(q, k, v, mask)
+            for chunk in (1, 3, 7, 49):
+                assert_rel(attention(q, k, v, mask, chunk=chunk), whole, CHUNK_TOL, f"{what}, chunk {chunk}")
+            for chunk in (50, 1000):  # chunk >= L: the single call itself
+                assert torch.equal(attention(q, k, v, mask, chunk=chunk), whole)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_no_kernel_call_sees_more_than_chunk_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int | None]] = []
+    real = ldm.attention._kernel
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        seen.append((q.shape[-2], None if mask is None else mask.shape[-2]))
+        return real(q, k, v, mask)
+
+    monkeypatch.setattr(ldm.attention, "_kernel", spy)
+    q, k, v = qkv(L=100, S=30)
+    mask = torch.zeros(2, 1, 100, 30)
+    attention(q, k, v, mask, chunk=32)
+    assert seen == [(32, 32), (32, 32), (32, 32), (4, 4)]
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@pytest.mark.parametrize("chunk", [0, -4, 2.5, True, "8"])
+def test_bad_chunks_are_rejected(chunk: object) -> None:
+    q, k, v = qkv(L=8, S=8)
+    with pytest.raises(ValueError, match=r"attention: chunk must be a positive int .* got"):
+        attention(q, k, v, chunk=chunk)
+    with pytest.raises(ValueError, match=r"set_attention_chunk: chunk must be a positive int"):
+        set_attention_chunk(AutoencoderKL(VAEConfig(block_out_channels=(16, 32), norm_num_groups=8)), chunk)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_a_mask_whose_query_axis_is_not_L_is_rejected() -> None:
+    q, k, v = qkv(L=8, S=5)
+    with pytest.raises(ValueError, match=r"mask \(2, 1, 6, 5\) has a query axis of 6, but q has L = 8"):
+        attention(q, k, v, torch.zeros(2, 1, 6, 5), chunk=4)

@@ -19,7 +19,7 @@ from PIL import Image
 import ldm
 from ldm.cli import main
 from ldm.images import parse_parameters, read_parameters
-from tests.test_pipeline import assert_images_close, disc_mask, picture, save_tiny_model_folder
+from tests.helpers import assert_images_close, disc_mask, picture, save_tiny_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,3 +196,45 @@ def test_without_model_and_without_the_packaged_one_exits_2(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "no --model given and the packaged model is missing" in err and "nowhere" in err
     assert not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memory switches from the command line (formerly tests/test_pipeline_memory.py): `--attention-chunk N` is
+# checked before loading (N >= 1, exit 2, nothing written); `--vae-tiling --attention-chunk 64` writes a PNG with the
+# usual parameters and nothing more; `load_pipeline(optimize=True)` pulls the levers.
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_cli_attention_chunk_must_be_positive(model_dir, tmp_path, capsys, value):
+    before = sorted(tmp_path.rglob("*"))
+    code = main(["generate", "a cat", "--model", str(model_dir), "--out", str(tmp_path / "x.png"), "--steps", "2",
+                 "--attention-chunk", value])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ldm generate: error: --attention-chunk must be >= 1, got {value}", err
+    assert sorted(tmp_path.rglob("*")) == before, "nothing may be written"
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_cli_vae_tiling_and_attention_chunk_write_a_png(model_dir, tmp_path):
+    """96x80 px is larger than the model's 64 px VAE tile, so the decode is tiled; the PNG's parameters are the
+    usual ones (the memory switches do not change what the image is meant to be, and are not recorded)."""
+    out = tmp_path / "big.png"
+    done = generate(model_dir, out, "--height", "96", "--width", "80", "--seed", "2", "--vae-tiling",
+                    "--attention-chunk", "64")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == (80, 96)
+    params = parse_parameters(read_parameters(out))
+    assert set(params) == {"Prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Model"}, params
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_load_pipeline_optimize(model_dir):
+    pipe = ldm.load_pipeline(model_dir, optimize=True)
+    assert pipe.levers is not None and not (pipe.levers.fuse or pipe.levers.compile)  # the CPU defaults: none
+    assert ldm.load_pipeline(model_dir).levers is None
+    with pytest.raises(TypeError, match="optimize must be a bool"):
+        ldm.load_pipeline(model_dir, optimize="yes")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import TINY_SD1
 from tests.synth import tiny_ldm_manifest, write_synthetic_checkpoint
-from tests.test_convert_load import TINY_SD1
 from weights_convert.load import load_components, load_pipeline
 from weights_convert.safetensors_file import CheckpointError, SafetensorsFile, save_file
 

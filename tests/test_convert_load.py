@@ -16,21 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.config import SD15, SD21_BASE, CLIPTextConfig, UNetConfig, VAEConfig
-from tests.helpers import DIFFUSERS_CONFIGS, TOKENIZER_DIR, assert_rel, trained_like_
+from tests.helpers import DIFFUSERS_CONFIGS, TINY_SD1, TINY_SD2, TINY_VAE, TOKENIZER_DIR, assert_rel, trained_like_
 from tests.synth import ema_name, tiny_ldm_manifest, write_synthetic_checkpoint
 from weights_convert.__main__ import main as cli
 from weights_convert.export import export_diffusers
 from weights_convert.load import load_components, load_vae, open_source
 from weights_convert.safetensors_file import SafetensorsFile, save_file
-
-TINY_UNET = UNetConfig(block_out_channels=(32, 64), cross_attention_levels=(True, False), layers_per_block=1,
-                       num_heads=(2, 2), cross_attention_dim=32, norm_num_groups=8, sample_size=8)
-TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16)
-TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-TINY_SD1 = replace(SD15, unet=TINY_UNET, vae=TINY_VAE, text=TINY_CLIP)
-TINY_SD2 = replace(SD21_BASE, unet=replace(TINY_UNET, use_linear_projection=True),
-                   vae=TINY_VAE, text=replace(TINY_CLIP, hidden_act="gelu", num_hidden_layers=2))
 
 
 @pytest.fixture(scope="module")
@@ -280,39 +271,11 @@ def test_cli_table_inspect_export(tiny_files: dict[str, Path], tmp_path: Path,
     assert "unexpected key(s)" in capsys.readouterr().err
 
 
-
 def test_key_mapping_doc_is_current() -> None:
     from weights_convert.__main__ import render_doc
 
     doc = (Path(__file__).parents[1] / "docs" / "key_mapping.md").read_text()
     assert doc == render_doc(), "docs/key_mapping.md is stale: run python -m weights_convert docs"
-
-
-def test_hub_fetches_only_the_needed_files() -> None:
-    """The allow_patterns given to snapshot_download, applied to a typical SD repo listing the way the hub does."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    from ldm.hub import needed_patterns
-
-    listing = ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "README.md",
-               "safety_checker/config.json", "safety_checker/model.safetensors",
-               "feature_extractor/preprocessor_config.json",
-               "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-               "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"]
-    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                      ("text_encoder", "model")):
-        listing += [f"{sub}/config.json", f"{sub}/{stem}.safetensors", f"{sub}/{stem}.bin",
-                    f"{sub}/{stem}.fp16.safetensors", f"{sub}/{stem}.fp16.bin", f"{sub}/{stem}.non_ema.safetensors"]
-    plain = set(filter_repo_objects(listing, allow_patterns=needed_patterns()))
-    assert plain == {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
-                     "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
-                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
-                     "text_encoder/model.safetensors"}
-    fp16 = set(filter_repo_objects(listing, allow_patterns=needed_patterns("fp16")))
-    assert {f for f in fp16 if "safetensors" in f} == {"unet/diffusion_pytorch_model.fp16.safetensors",
-                                                       "vae/diffusion_pytorch_model.fp16.safetensors",
-                                                       "text_encoder/model.fp16.safetensors"}
 
 
 def test_load_pipeline_runs(tiny_files: dict[str, Path]) -> None:

@@ -28,8 +28,7 @@ import ldm
 from ldm import optimize as opt
 from ldm.config import CLIPTextConfig, UNetConfig, VAEConfig
 from ldm.unet import Attention, UNet2DConditionModel
-from tests.helpers import TOKENIZER_DIR, diffusers_config, rel_err, trained_like_
-from tests.test_pipeline import save_tiny_model_folder
+from tests.helpers import TOKENIZER_DIR, diffusers_config, rel_err, save_tiny_model_folder, trained_like_
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -337,9 +336,9 @@ def _reference_pair(upcast: bool):
     from transformers import CLIPTextConfig as RefCLIPConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from tests.test_pipeline import CLIP as REF_CLIP
-    from tests.test_pipeline import UNET as REF_UNET
-    from tests.test_pipeline import VAE as REF_VAE
+    from tests.helpers import CLIP as REF_CLIP
+    from tests.helpers import UNET as REF_UNET
+    from tests.helpers import VAE as REF_VAE
 
     unet_kw = {**REF_UNET, "upcast_attention": upcast, "use_linear_projection": upcast}
     ref_unet = trained_like_(diffusers.UNet2DConditionModel(**unet_kw), seed=1).eval()

@@ -9,153 +9,22 @@ differ by at most 1 level on at most 0.1% of pixels (a value on a rounding bound
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from pathlib import Path
-from types import SimpleNamespace
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import ldm
-from ldm.config import CLIPTextConfig, UNetConfig, VAEConfig
-from tests.helpers import TOKENIZER_DIR, diffusers_config, rel_err, trained_like_
-
-LATENT_TOL = 1e-4  # the contract for final latents (see the module docstring)
-SIZE = 64  # px: 8x8 latents
-PROMPTS = ["a photo of a cat", "an oil painting of a harbour"]
-NEGATIVES = ["blurry", "low quality, jpeg artefacts"]
-
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32)
-VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE)
-CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0, eos_token_id=2,
-            pad_token_id=1)
-
-
-def assert_images_close(ours: np.ndarray, ref: np.ndarray) -> None:
-    """Float images in [0, 1] as uint8: at most 1 level apart, on at most 0.1% of the values."""
-    a, b = (ours * 255).round().astype(np.int16), (ref * 255).round().astype(np.int16)
-    assert a.shape == b.shape, f"image shapes differ: {a.shape} vs {b.shape}"
-    diff = np.abs(a - b)
-    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, \
-        f"images differ: max {diff.max()} levels, {(diff > 0).mean():.2e} of values differ"
-
-
-def ref_scheduler(name: str, config: dict):
-    import diffusers
-
-    classes = {"ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler", "pndm": "PNDMScheduler",
-               "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
-               "dpm++2m": "DPMSolverMultistepScheduler", "dpm++2m-karras": "DPMSolverMultistepScheduler"}
-    extra = {"use_karras_sigmas": True} if name == "dpm++2m-karras" else {}
-    return getattr(diffusers, classes[name]).from_config(config, **extra)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """Tiny random components: the references, and ours holding the same weights (strict identity loads)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig as RefCLIPConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    def unet_pair(in_channels: int):
-        kw = {**UNET, "in_channels": in_channels}
-        ref = trained_like_(UNet2DConditionModel(**kw), seed=1).eval()
-        ours = ldm.UNet2DConditionModel(UNetConfig.from_diffusers(kw)).eval()
-        ours.load_state_dict(ref.state_dict(), strict=True)
-        return ref, ours
-
-    ref_vae = trained_like_(AutoencoderKL(**VAE), seed=2).eval()
-    vae = ldm.AutoencoderKL(VAEConfig.from_diffusers(VAE)).eval()
-    vae.load_state_dict(ref_vae.state_dict(), strict=True)
-    ref_text = trained_like_(CLIPTextModel(RefCLIPConfig(**CLIP)), seed=3).eval()
-    text = ldm.CLIPTextModel(CLIPTextConfig.from_transformers(CLIP)).eval()
-    text.load_state_dict(ref_text.state_dict(), strict=True)
-    return SimpleNamespace(unet=unet_pair(4), unet9=unet_pair(9), vae=(ref_vae, vae), text=(ref_text, text),
-                           tokenizer=(CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15"),
-                                      ldm.CLIPTokenizer.from_dir(TOKENIZER_DIR / "sd15")),
-                           scheduler_config=diffusers_config("sd15", "scheduler"))
-
-
-def pipelines(tiny, scheduler: str = "pndm", inpainting: bool = False, kind: str = "txt2img"):
-    """(diffusers pipeline, ours) on the tiny weights with the named scheduler."""
-    import diffusers
-
-    ref_unet, unet = tiny.unet9 if inpainting else tiny.unet
-    config = tiny.scheduler_config
-    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
-    ref = cls(unet=ref_unet, vae=tiny.vae[0], text_encoder=tiny.text[0], tokenizer=tiny.tokenizer[0],
-              scheduler=ref_scheduler(scheduler, config), safety_checker=None, feature_extractor=None,
-              requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    family = dataclasses.replace(ldm.SD15_INPAINT if inpainting else ldm.SD15, unet=unet.config,
-                                 vae=tiny.vae[1].config, text=tiny.text[1].config, native_size=SIZE)
-    ours = ldm.StableDiffusionPipeline(unet=unet, vae=tiny.vae[1], text_encoder=tiny.text[1],
-                                       tokenizer=tiny.tokenizer[1],
-                                       scheduler=ldm.schedulers.from_name(scheduler, config), family=family)
-    return ref, ours
-
-
-def run_ref(ref, *args, seed: int, n_images: int, **kw):
-    """diffusers with seed S as generator=[manual_seed(S + i)]; returns (float images, final latents)."""
-    captured = {}
-
-    def keep(pipe, i, t, tensors):
-        captured["latents"] = tensors["latents"]
-        return tensors
-
-    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n_images)]
-    out = ref(*args, generator=gens, output_type="np", callback_on_step_end=keep, **kw)
-    return out.images, captured["latents"]
-
-
-def picture(seed: int, size: int = SIZE) -> Image.Image:
-    """A smooth random RGB picture (a photo-like input for img2img)."""
-    g = np.random.default_rng(seed)
-    small = g.integers(0, 256, size=(size // 8, size // 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
-
-
-def disc_mask(size: int = SIZE) -> Image.Image:
-    """White disc (repaint) on black (keep)."""
-    yy, xx = np.mgrid[:size, :size]
-    inside = (yy - size / 2) ** 2 + (xx - size / 3) ** 2 < (size / 4) ** 2
-    return Image.fromarray((inside * 255).astype(np.uint8))
+from ldm.attention import attention_layers, set_attention_chunk
+from tests.helpers import (LATENT_TOL, NEGATIVES, PROMPTS, SIZE, assert_images_close, disc_mask, picture, pipelines,
+                           ref_scheduler, rel_err, run_ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # End to end against diffusers
-
-
-def save_tiny_model_folder(folder: Path) -> Path:
-    """The tiny SD 1.x model (random, trained-like weights) saved by diffusers in its model-folder layout: what
-    `ldm.load_pipeline` and `ldm generate --model` read."""
-    import shutil
-
-    import diffusers
-    from transformers import CLIPTextConfig as RefCLIPTextConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=trained_like_(diffusers.UNet2DConditionModel(**UNET), seed=1),
-        vae=trained_like_(diffusers.AutoencoderKL(**VAE), seed=2),
-        text_encoder=trained_like_(CLIPTextModel(RefCLIPTextConfig(**CLIP)), seed=3),
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15"),
-        scheduler=diffusers.PNDMScheduler.from_config(diffusers_config("sd15", "scheduler")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 saves only tokenizer.json; the official model folders ship vocab.json + merges.txt as well
-    shutil.copytree(TOKENIZER_DIR / "sd15", folder / "tokenizer", dirs_exist_ok=True)
-    return folder
 
 
 @pytest.mark.parametrize("scheduler,eta", [("ddim", 0.0), ("lms", 0.0), ("ddim", 0.5)])
@@ -538,3 +407,160 @@ def test_full_shape_sd15_inpainting_checkpoint_matches_diffusers(tmp_path_factor
     finally:
         del ref, ours
         path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory for large images (formerly tests/test_pipeline_memory.py): `enable_attention_chunking` reaches every
+# attention layer of the UNet and the VAE, no kernel call sees more rows than the chunk, and the image is the one
+# without chunking (final latents within CHUNK_TOL: each query row's softmax is the same arithmetic, only the BLAS
+# summation order of a piece changes, <= 1e-6 relative per call, which a few sampler steps amplify by at most ~10x;
+# observed 0). With `enable_vae_tiling` and a 32 px tile (4x4 latents, 1 latent pixel of overlap) a 64x80 image
+# decodes as a 3 x 4 grid of tiles; txt2img and img2img then match diffusers' pipelines with `vae.enable_tiling()`
+# and the same tile settings by the pipeline contract. Tiling must change the image (else these tests could not tell
+# it was on): with random weights per-tile GroupNorm statistics move it a lot. img2img and inpainting encode through
+# the tiled encoder, and the fp16 -> fp32 decode retry stays tiled.
+
+
+CHUNK_TOL = 1e-5  # final latents, chunked vs whole: <= 1e-6 per attention call, amplified <= ~10x by the steps
+
+
+TILE = 32  # px: 4x4 latent tiles, overlap 0.25 = 1 latent pixel (8 px on the encoder side)
+
+
+HEIGHT, WIDTH = 64, 80  # 8x10 latents: tiles start every 3 latent pixels -> a 3 x 4 grid
+
+
+@pytest.fixture
+def memory_off(tiny) -> Iterator[None]:
+    """The tiny modules are shared by the module's tests: every test leaves tiling and chunking off."""
+    yield
+    tiny.vae[1].disable_tiling()
+    tiny.vae[0].disable_tiling()
+    for module in (tiny.vae[1], tiny.unet[1], tiny.unet9[1]):
+        set_attention_chunk(module, None)
+
+
+def reference_tiling(ref_vae, tile: int = TILE, overlap: float = 0.25) -> None:
+    """diffusers' enable_tiling() takes no sizes; its documented attributes are set as tests/test_vae.py does."""
+    ref_vae.enable_tiling()
+    ref_vae.tile_sample_min_size = tile
+    ref_vae.tile_latent_min_size = tile // (2 ** (len(ref_vae.config.block_out_channels) - 1))
+    ref_vae.tile_overlap_factor = overlap
+
+
+def spy(monkeypatch, vae, method: str) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """Record (dtype, shape) of every input the VAE's per-tile `_encode_one` / `_decode_one` receives."""
+    calls: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    original = getattr(vae, method)
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        calls.append((x.dtype, tuple(x.shape)))
+        return original(x)
+
+    monkeypatch.setattr(vae, method, recording)
+    return calls
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_attention_chunking_gives_the_same_image(tiny, monkeypatch, memory_off):
+    _, ours = pipelines(tiny, "ddim")
+    kw = dict(negative_prompt=NEGATIVES[0], num_inference_steps=3, guidance_scale=7.5, seed=5, output_type="np")
+    whole = ours(PROMPTS[0], height=HEIGHT, width=WIDTH, **kw)
+
+    chunk = 24  # pieces of 24, 24, 24, 8 rows over the UNet's 80 latent positions: mixed BLAS kernels
+    ours.enable_attention_chunking(chunk)
+    layers = {**attention_layers(ours.unet), **{f"vae.{k}": v for k, v in attention_layers(ours.vae).items()}}
+    assert any(k.startswith("vae.") for k in layers) and len(layers) > 1
+    assert all(layer.chunk == chunk for layer in layers.values())
+    rows: list[int] = []
+    kernel = ldm.attention._kernel
+
+    def counting(q, k, v, mask):
+        rows.append(q.shape[-2])
+        return kernel(q, k, v, mask)
+
+    monkeypatch.setattr(ldm.attention, "_kernel", counting)
+    chunked = ours(PROMPTS[0], height=HEIGHT, width=WIDTH, **kw)
+    assert max(rows) == chunk, f"a kernel call saw {max(rows)} query rows with chunk={chunk}"
+    assert rel_err(chunked.latents, whole.latents) <= CHUNK_TOL
+    assert_images_close(chunked.images, whole.images)
+
+    ours.disable_attention_chunking()
+    assert all(layer.chunk is None for layer in layers.values())
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        ours.enable_attention_chunking(0)
+    assert all(layer.chunk is None for layer in layers.values()), "a rejected chunk must change nothing"
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_txt2img_with_vae_tiling_matches_diffusers(tiny, monkeypatch, memory_off):
+    ref, ours = pipelines(tiny, "ddim")
+    kw = dict(negative_prompt=NEGATIVES[1], num_inference_steps=2, guidance_scale=7.5)
+    untiled = ours(PROMPTS[1], seed=9, height=HEIGHT, width=WIDTH, output_type="np", **kw)
+
+    reference_tiling(ref.vae)
+    ours.enable_vae_tiling(TILE)
+    assert ours.vae.use_tiling and ours.vae.tile_sample_size == TILE
+    decoded = spy(monkeypatch, ours.vae, "_decode_one")
+    ref_images, ref_latents = run_ref(ref, PROMPTS[1], seed=9, n_images=1, height=HEIGHT, width=WIDTH, **kw)
+    out = ours(PROMPTS[1], seed=9, height=HEIGHT, width=WIDTH, output_type="np", **kw)
+    assert len(decoded) == 3 * 4 and all(max(shape[-2:]) <= TILE // 8 for _, shape in decoded), decoded
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+    assert torch.equal(out.latents, untiled.latents), "tiling is a VAE matter: the latents are the same"
+    levels = np.abs((out.images * 255).round() - (untiled.images * 255).round())
+    assert levels.max() > 1, "tiling did not change the image: the test cannot tell it was on"
+
+    ours.disable_vae_tiling()
+    again = ours(PROMPTS[1], seed=9, height=HEIGHT, width=WIDTH, output_type="np", **kw)
+    np.testing.assert_array_equal(again.images, untiled.images)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_img2img_encodes_through_the_tiled_encoder_as_diffusers(tiny, monkeypatch, memory_off):
+    ref, ours = pipelines(tiny, "ddim", kind="img2img")
+    image = picture(2, size=HEIGHT).resize((WIDTH, HEIGHT))
+    reference_tiling(ref.vae)
+    ours.enable_vae_tiling(TILE)
+    encoded = spy(monkeypatch, ours.vae, "_encode_one")
+    kw = dict(num_inference_steps=4, strength=0.5, guidance_scale=7.5)
+    ref_images, ref_latents = run_ref(ref, PROMPTS[0], image=image, seed=3, n_images=1, **kw)
+    out = ours.img2img(PROMPTS[0], image, seed=3, output_type="np", **kw)
+    # encoder tiles are 32 px every 24 px: 3 rows x 4 columns over 64x80 px
+    assert len(encoded) == 3 * 4 and all(max(shape[-2:]) <= TILE for _, shape in encoded), encoded
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_inpaint_encodes_both_images_through_the_tiled_encoder(tiny, monkeypatch, memory_off):
+    """An ordinary checkpoint's inpainting encodes the image and the masked image: both tiled."""
+    _, ours = pipelines(tiny, "ddim")
+    ours.enable_vae_tiling(TILE)
+    encoded = spy(monkeypatch, ours.vae, "_encode_one")
+    out = ours.inpaint(PROMPTS[0], picture(4), disc_mask(), num_inference_steps=2, seed=1, output_type="latent")
+    assert out.latents.shape == (1, 4, 8, 8)
+    assert len(encoded) == 2 * 3 * 3 and all(max(shape[-2:]) <= TILE for _, shape in encoded), encoded
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_fp16_decode_retry_stays_tiled(tiny, monkeypatch, memory_off):
+    """The fp32 retry after an fp16 overflow (a real one: the decoder's last conv scaled up, as
+    tests/test_optimize.py does) decodes tile by tile too, and the VAE comes back in fp16 with tiling on."""
+    _, ours = pipelines(tiny, "ddim")
+    vae = copy.deepcopy(ours.vae).half()
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(1e5)
+    pipe = ldm.StableDiffusionPipeline(unet=ours.unet, vae=vae, text_encoder=ours.text_encoder,
+                                       tokenizer=ours.tokenizer, scheduler=ours.scheduler, family=ours.family)
+    pipe.enable_vae_tiling(TILE)
+    decoded = spy(monkeypatch, vae, "_decode_one")
+    latents = torch.randn(1, 4, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(0)).half()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = pipe.decode(latents)
+    assert any("decoding again in float32" in str(w.message) for w in caught), "no overflow: nothing was retried"
+    assert images.shape == (1, 3, HEIGHT, WIDTH) and torch.isfinite(images).all()
+    dtypes = [dtype for dtype, _ in decoded]
+    assert dtypes == [torch.float16] * 12 + [torch.float32] * 12, dtypes
+    assert vae.use_tiling and next(vae.parameters()).dtype == torch.float16

@@ -247,7 +247,7 @@ def test_plain_text_removes_the_syntax() -> None:
 
 @pytest.fixture(scope="module")
 def pipe(sd15_tok: CLIPTokenizer) -> StableDiffusionPipeline:
-    from tests.test_research import tiny_pipeline  # our modules at tiny sizes, trained-like weights
+    from tests.helpers import tiny_pipeline  # our modules at tiny sizes, trained-like weights
 
     return tiny_pipeline(sd15_tok)
 

@@ -15,18 +15,13 @@ import torch
 from PIL import Image
 
 from ldm.attention import attention, attention_layers, attention_probs, set_attention_processor
-from ldm.clip import CLIPTextModel
-from ldm.config import SD15, CLIPTextConfig, UNetConfig, VAEConfig
 from ldm.pipeline import StableDiffusionPipeline
 from ldm.research import (AttentionReweight, AttentionStore, PromptToPrompt, StepCounter, is_cross_attention,
                           overlay, prompt_to_prompt, prompt_words, save_attention_maps, token_weights, use_processor,
                           word_swap_mapper)
 from ldm.prompts import encode_prompt
-from ldm.schedulers import DDIMScheduler
 from ldm.tokenizer import CLIPTokenizer
-from ldm.unet import UNet2DConditionModel
-from ldm.vae import AutoencoderKL
-from tests.helpers import TOKENIZER_DIR, rel_err, trained_like_
+from tests.helpers import TOKENIZER_DIR, rel_err, tiny_pipeline
 
 CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
@@ -196,19 +191,6 @@ def test_prompt_words_and_token_weights(tok: CLIPTokenizer) -> None:
 # Whole generations with a tiny pipeline
 
 SIZE = 16  # pixels; latents 8x8, UNet levels 8x8 and 4x4
-
-
-def tiny_pipeline(tok: CLIPTokenizer) -> StableDiffusionPipeline:
-    """Our own modules at tiny sizes with trained-like weights, the real tokenizer, DDIM."""
-    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    unet = UNetConfig(block_out_channels=(32, 64), cross_attention_levels=(True, True), num_heads=(2, 2),
-                      cross_attention_dim=32, norm_num_groups=8, sample_size=None)
-    vae = VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8)
-    return StableDiffusionPipeline(
-        unet=trained_like_(UNet2DConditionModel(unet), seed=1).eval(),
-        vae=trained_like_(AutoencoderKL(vae), seed=2).eval(),
-        text_encoder=trained_like_(CLIPTextModel(text), seed=3).eval(),
-        tokenizer=tok, scheduler=DDIMScheduler.from_config(SD15.scheduler), family=SD15)
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,7 @@ def test_summarize_any_module_and_empty_containers_hidden() -> None:
 def test_loaded_checkpoint_is_described(tmp_path) -> None:
     """A path goes through ldm.load_pipeline; counts come from the loaded modules' twin and are checked."""
     from tests.synth import tiny_ldm_manifest, write_synthetic_checkpoint
-    from tests.test_convert_load import TINY_SD1
+    from tests.helpers import TINY_SD1
 
     path = write_synthetic_checkpoint(tiny_ldm_manifest(TINY_SD1), tmp_path / "tiny.safetensors")
     tables = inspect_model(path, family=TINY_SD1, size=64, depth=1)

@@ -15,14 +15,15 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL as RefAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as RefDiagonalGaussian
 
 import ldm
-from ldm.attention import attention, attention_backend, set_attention_processor
+from ldm.attention import attention, attention_backend, attention_layers, set_attention_chunk, set_attention_processor
 from ldm.config import VAEConfig
 from ldm.vae import AutoencoderKL, DiagonalGaussianDistribution, GroupNorm
-from tests.helpers import assert_rel, diffusers_config, rel_err, trained_like_
+from tests.helpers import assert_rel, diffusers_config, reference_kwargs, rel_err, trained_like_
 
 TOL = 1e-5  # the parity contract for components in fp32
 
@@ -41,15 +42,6 @@ TINY = {
                                layers_per_block=3, norm_num_groups=8), (3, 4, 10, 6)),
     "one_level": (VAEConfig(block_out_channels=(32,), layers_per_block=2, norm_num_groups=16), (1, 3, 7, 5)),
 }
-
-
-def reference_kwargs(cfg: VAEConfig) -> dict:
-    """diffusers AutoencoderKL constructor arguments for our config."""
-    n = len(cfg.block_out_channels)
-    names = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-             "norm_num_groups", "scaling_factor", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
-    return {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n,
-            **{name: getattr(cfg, name) for name in names}}
 
 
 def make_pair(cfg: VAEConfig, seed: int = 0) -> tuple[AutoencoderKL, RefAutoencoderKL]:
@@ -383,3 +375,195 @@ def test_fp16_on_cuda_matches_diffusers_fp16() -> None:
     our GroupNorm statistics are fp32 by construction, CUDA's group_norm accumulates in fp32 too)."""
     for what, err in fp16_parity(ldm.SD15.vae, (1, 3, 128, 96), "cuda").items():
         assert err <= 1e-2, f"fp16 CUDA {what}: relative error {err:.3e} > 1e-2"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory for large images (formerly tests/test_memory.py): chunked mid attention, and VAE tiling as diffusers'
+# tiled_encode / tiled_decode. With the mid attention off our tiled output is bit-identical to diffusers' (the
+# tiling arithmetic, tile grid and blend are the same operations); with it on, within TILED_TOL = 1e-5 relative (the
+# parity contract; observed ~1.3e-6). Tiling off, or an input that fits in one tile, runs the one-pass path
+# unchanged. The seams are blended: with a tile-local stand-in decoder the overlap is exactly diffusers' linear
+# cross-fade and continuous, while overlap 0 leaves the full jump. Not asserted: how close tiled is to untiled with
+# real weights (with trained-like random weights a tiny VAE is very sensitive to per-tile GroupNorm statistics, so
+# no honest fidelity bound exists without trained weights; docs/vae.md says so).
+
+CHUNK_TOL = 1e-6  # chunked vs whole attention, fp32: different summation orders in small BLAS pieces
+
+
+# Four levels (f = 8, as SD), small widths: 32 px tiles are 4x4 latents, so an 80x96 image makes a grid of
+# 4 x 4 tiles with 12 seams.
+VAE_CFG = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+TILED_TOL = 1e-5  # the parity contract for VAE components; observed ~1.3e-6 (mid attention's summation order)
+
+
+def set_reference_tiling(ref: RefAutoencoderKL, tile: int, overlap: float) -> None:
+    """diffusers' enable_tiling() takes no sizes; its attributes are set by hand (its documented knobs)."""
+    ref.enable_tiling()
+    ref.tile_sample_min_size = tile
+    ref.tile_latent_min_size = tile // (2 ** (len(ref.config.block_out_channels) - 1))
+    ref.tile_overlap_factor = overlap
+
+
+TILINGS = [  # (tile px, overlap, image shape, mid attention): 2x2 .. 5x5-latent tiles
+    (32, 0.25, (2, 3, 80, 96), True),
+    (32, 0.25, (2, 3, 80, 96), False),
+    (16, 0.5, (1, 3, 80, 96), False),
+    (40, 0.2, (1, 3, 80, 96), False),
+    (32, 0.0, (1, 3, 80, 96), False),
+    (16, 0.5, (1, 3, 80, 96), True),
+    (32, 0.25, (1, 3, 104, 88), True),  # 13 x 11 latents: the last tiles are 1 and 2 latents thin
+]
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@torch.no_grad()
+def test_chunked_mid_attention_gives_the_same_decode() -> None:
+    vae, _ = make_pair(VAE_CFG)
+    z = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(7))  # mid attention over L = 192
+    with attention_backend("math"):
+        whole = vae.decode(z)
+        changed = set_attention_chunk(vae, 64)
+        try:
+            assert changed == ["encoder.mid_block.attentions.0", "decoder.mid_block.attentions.0"]
+            assert torch.equal(vae.decode(z), whole)  # pieces of 64 rows: bit-identical (see the module docstring)
+        finally:
+            assert set_attention_chunk(vae, None) == changed
+    with attention_backend("sdpa"):
+        whole = vae.decode(z)
+        set_attention_chunk(vae, 5, where=lambda name: name.startswith("decoder"))
+        try:
+            assert_rel(vae.decode(z), whole, CHUNK_TOL, "sdpa decode with 5-row chunks")
+        finally:
+            set_attention_chunk(vae, None)
+        assert torch.equal(vae.decode(z), whole)  # None restores the single call
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_set_attention_chunk_is_per_layer_and_a_processor_takes_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    vae, _ = make_pair(VAE_CFG)
+    changed = set_attention_chunk(vae, 16, where=lambda name: name.startswith("decoder"))
+    assert changed == ["decoder.mid_block.attentions.0"]
+    assert {name: layer.chunk for name, layer in attention_layers(vae).items()} == {
+        "encoder.mid_block.attentions.0": None, "decoder.mid_block.attentions.0": 16}
+    assert set_attention_chunk(vae, 16, where=lambda name: name.startswith("nothing")) == []  # a typo shows
+
+    rows_seen = []
+    set_attention_processor(vae, lambda q, k, v, *, name, mask: rows_seen.append(q.shape[-2]) or attention(q, k, v))
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 4, 6, 8))
+    assert rows_seen == [48]  # the processor got the whole query axis, chunk notwithstanding
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@pytest.mark.parametrize(("tile", "overlap", "shape", "mid_attention"), TILINGS,
+                         ids=[f"{t}px_{o}_{s[2]}x{s[3]}{'_attn' * a}" for t, o, s, a in TILINGS])
+@torch.no_grad()
+def test_tiled_encode_and_decode_match_diffusers(tile: int, overlap: float, shape: tuple, mid_attention: bool) -> None:
+    cfg = VAE_CFG if mid_attention else dataclasses.replace(VAE_CFG, mid_block_add_attention=False)
+    ours, ref = make_pair(cfg)
+    ours.enable_tiling(tile, overlap)
+    set_reference_tiling(ref, tile, overlap)
+    x = image(shape)
+    z = torch.randn(shape[0], 4, shape[2] // 8, shape[3] // 8, generator=torch.Generator().manual_seed(2))
+
+    enc, enc_ref = ours.encode(x), ref.encode(x).latent_dist
+    dec, dec_ref = ours.decode(z), ref.decode(z).sample
+    assert enc.parameters.shape == enc_ref.parameters.shape and dec.shape == dec_ref.shape == x.shape
+    if mid_attention:
+        assert_rel(enc.parameters, enc_ref.parameters, TILED_TOL, "tiled encode")
+        assert_rel(dec, dec_ref, TILED_TOL, "tiled decode")
+    else:  # no attention: every remaining op is the same op on the same values, so the same bits
+        assert torch.equal(enc.parameters, enc_ref.parameters)
+        assert torch.equal(dec, dec_ref)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@torch.no_grad()
+def test_untiled_path_is_unchanged_when_off_or_when_the_input_fits() -> None:
+    vae, _ = make_pair(VAE_CFG)
+    x, z = image((1, 3, 32, 40)), torch.randn(1, 4, 4, 5, generator=torch.Generator().manual_seed(3))
+    one_pass_z = vae.decoder(vae.post_quant_conv(z))  # the one-pass computation, written out
+    one_pass_x = vae.quant_conv(vae.encoder(x))
+    assert not vae.use_tiling
+    assert torch.equal(vae.decode(z), one_pass_z) and torch.equal(vae.encode(x).parameters, one_pass_x)
+    vae.enable_tiling(40, 0.2)  # the input fits in one 40 px tile: not tiled (diffusers tiles only larger inputs)
+    assert torch.equal(vae.decode(z), one_pass_z) and torch.equal(vae.encode(x).parameters, one_pass_x)
+    vae.enable_tiling(32)  # 40 px wide > 32: tiled, so different
+    assert not torch.equal(vae.decode(z), one_pass_z)
+    vae.disable_tiling()
+    assert not vae.use_tiling and torch.equal(vae.decode(z), one_pass_z)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_enable_tiling_defaults_to_the_config_sample_size() -> None:
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=256))
+    vae.enable_tiling()
+    assert (vae.use_tiling, vae.tile_sample_size, vae.tile_overlap) == (True, 256, 0.25)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"tile_sample_size": 30}, r"tile_sample_size must be a positive multiple of the downsample factor 8, got 30"),
+    ({"tile_sample_size": 0}, r"positive multiple .* got 0"),
+    ({"tile_sample_size": 32.0}, r"positive multiple .* got 32.0"),
+    ({"tile_sample_size": 32, "overlap": 1.0}, r"overlap must be a number in \[0, 1\), got 1.0"),
+    ({"tile_sample_size": 32, "overlap": -0.25}, r"overlap must be a number in \[0, 1\), got -0.25"),
+    ({"tile_sample_size": 32, "overlap": 0.3}, r"overlap 0.3 of a 32 px tile is 1.2 latent pixels; it must be a whole"),
+])
+def test_bad_tilings_are_rejected_and_change_nothing(kwargs: dict, match: str) -> None:
+    vae = AutoencoderKL(VAE_CFG)
+    with pytest.raises(ValueError, match=match):
+        vae.enable_tiling(**kwargs)
+    assert not vae.use_tiling and (vae.tile_sample_size, vae.tile_overlap) == (VAE_CFG.sample_size, 0.25)
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@torch.no_grad()
+def test_seams_are_linear_cross_fades_and_continuous(monkeypatch: pytest.MonkeyPatch) -> None:
+    vae = AutoencoderKL(VAE_CFG)
+    z = torch.zeros(1, 4, 3, 7)  # one row of 4x4-latent tiles at columns 0, 3, 6; overlap 1 latent = 8 px
+    vae.enable_tiling(32, 0.25)
+    offsets: list[float] = []
+    monkeypatch.setattr(vae, "_decode_one", tile_local_decoder(offsets))
+    out = vae.decode(z)[0, 0, 0]  # (56,) one image row: tiles at px 0..31, 24..55 and 48..55
+    assert offsets == [0.0, 1.0, 2.0]  # three tiles, the last one latent thin
+    blend = torch.arange(8, dtype=torch.float64) / 8  # diffusers' weights y / blend_extent
+    assert torch.equal(out[:24], torch.zeros(24))  # first tile alone
+    assert torch.equal(out[24:32], (0.0 * (1 - blend) + 1.0 * blend).float())  # fades 0 -> 1 over the overlap
+    assert torch.equal(out[32:48], torch.ones(16))  # second tile alone
+    assert torch.equal(out[48:56], (1.0 * (1 - blend) + 2.0 * blend).float())  # the thin tile fades in too
+    jumps = (out[1:] - out[:-1]).abs()
+    assert jumps.max() <= 1 / 8 + 1e-7  # continuous: one ramp step at a time, never the whole offset of 1
+
+    vae.enable_tiling(32, 0.0)  # no overlap: hard seams, the full jump appears
+    offsets.clear()
+    hard = vae.decode(z)[0, 0, 0]
+    assert (hard[1:] - hard[:-1]).abs().max() == 1.0
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@torch.no_grad()
+def test_a_position_independent_decoder_tiles_to_the_untiled_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the decoder had no per-tile state, tiling would reproduce the untiled image: the tiles land where they
+    belong and each cross-fade mixes two equal values (a * (1 - t) + a * t, exact up to one fp32 rounding)."""
+    vae = AutoencoderKL(VAE_CFG)
+    z = torch.randn(2, 4, 13, 11, generator=torch.Generator().manual_seed(4))
+    # nearest upsampling: each output pixel depends on its own latent only (bilinear would look across a tile edge)
+    monkeypatch.setattr(vae, "_decode_one", lambda t: F.interpolate(t, scale_factor=8, mode="nearest"))
+    untiled = vae.decode(z)
+    for tile, overlap in ((16, 0.5), (32, 0.25), (32, 0.0), (40, 0.2)):
+        vae.enable_tiling(tile, overlap)
+        torch.testing.assert_close(vae.decode(z), untiled, rtol=1e-6, atol=1e-6)
+
+
+def tile_local_decoder(offsets: list[float]) -> object:
+    """A stand-in for `_decode_one`: nearest x8 upsampling of channel 0 (position-independent) plus a constant
+    that differs per call (per tile), so what tiling does at the seams is visible exactly."""
+
+    def decode_one(z: torch.Tensor) -> torch.Tensor:
+        offsets.append(float(len(offsets)))
+        return F.interpolate(z[:, :1], scale_factor=8, mode="nearest") + offsets[-1]
+
+    return decode_one
