@@ -140,9 +140,8 @@ def disc_mask(size: int = SIZE) -> Image.Image:
 
 def save_tiny_model_folder(folder: Path) -> Path:
     """The tiny SD 1.x model (random, trained-like weights) saved by diffusers in its model-folder layout: what
-    `ldm.load_pipeline` and `ldm generate --model` read."""
-    import shutil
-
+    `ldm.load_pipeline` and `ldm generate --model` read. With transformers 5 the tokenizer folder holds only
+    tokenizer.json (no vocab.json / merges.txt), as fine-tunes saved by today's tools do."""
     import diffusers
     from transformers import CLIPTextConfig as RefCLIPTextConfig
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -155,9 +154,31 @@ def save_tiny_model_folder(folder: Path) -> Path:
         scheduler=diffusers.PNDMScheduler.from_config(diffusers_config("sd15", "scheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 saves only tokenizer.json; the official model folders ship vocab.json + merges.txt as well
-    shutil.copytree(TOKENIZER_DIR / "sd15", folder / "tokenizer", dirs_exist_ok=True)
+    assert (folder / "tokenizer" / "tokenizer.json").is_file() and not (folder / "tokenizer" / "vocab.json").exists()
     return folder
+
+
+def test_load_pipeline_reads_a_save_pretrained_folder(tmp_path):
+    """diffusers' own save_pretrained folder (tokenizer.json only) loads; the tokenizer gives transformers' ids on
+    the tokenizer tests' hard prompts and the pipeline diffusers' image."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from tests.test_tokenizer import PROMPTS as HARD_PROMPTS
+
+    folder = save_tiny_model_folder(tmp_path / "tiny-sd")
+    pipe = ldm.load_pipeline(folder)
+    ref_tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    expected = ref_tok(HARD_PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert pipe.tokenizer(HARD_PROMPTS).tolist() == expected.input_ids.tolist()
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                             requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt=NEGATIVES[0], num_inference_steps=2, height=SIZE, width=SIZE)
+    ref_images, ref_latents = run_ref(ref, HARD_PROMPTS[7], seed=3, n_images=1, **kw)
+    out = pipe(HARD_PROMPTS[7], seed=3, output_type="np", weighting=False, **kw)  # its ((...)) read literally
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
 
 
 @pytest.mark.parametrize("scheduler,eta", [("ddim", 0.0), ("lms", 0.0), ("ddim", 0.5)])
