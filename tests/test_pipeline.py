@@ -609,15 +609,21 @@ def assert_full_shape_parity(ref, ours, ref_call, our_call) -> None:
     assert_images_close(out.images, ref_images)
 
 
+def ddim_pipeline(ref, cls_name: str):
+    """diffusers' pipeline `cls_name` on the components of `ref`, with DDIM."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name)(**ref.components)
+    pipe.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.mark.slow
 def test_full_shape_sd15_img2img_matches_diffusers(sd15_full):
     """A PIL picture (the path users take) at 192 px, strength 0.6 of 5 steps."""
-    import diffusers
-
     ref, ours = sd15_full
-    ref = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
-    ref.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
-    ref.set_progress_bar_config(disable=True)
+    ref = ddim_pipeline(ref, "StableDiffusionImg2ImgPipeline")
     kw = dict(negative_prompt="blurry", num_inference_steps=5, strength=0.6, guidance_scale=7.5)
     assert_full_shape_parity(
         ref, ours, lambda: run_ref(ref, PROMPTS[1], image=gradient(), seed=8, n_images=1, **kw),
@@ -627,18 +633,19 @@ def test_full_shape_sd15_img2img_matches_diffusers(sd15_full):
 @pytest.mark.slow
 def test_full_shape_sd15_inpaint_blending_matches_diffusers(sd15_full):
     """Latent blending on the ordinary SD 1.5 checkpoint, at 192 px with a PIL picture and mask."""
-    import diffusers
-
     ref, ours = sd15_full
-    ref = diffusers.StableDiffusionInpaintPipeline(**ref.components)
-    ref.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
-    ref.set_progress_bar_config(disable=True)
+    ref = ddim_pipeline(ref, "StableDiffusionInpaintPipeline")
+    assert_full_shape_inpaint_parity(ref, ours, seed=10)
+
+
+def assert_full_shape_inpaint_parity(ref, ours, seed: int) -> None:
+    """Inpainting a PIL gradient under a disc mask at 192 px, strength 0.6 of 5 DDIM steps, as diffusers."""
     kw = dict(negative_prompt="blurry", num_inference_steps=5, strength=0.6, guidance_scale=7.5)
     mask = disc_mask(FULL_SIZE)
     assert_full_shape_parity(
-        ref, ours, lambda: run_ref(ref, PROMPTS[0], image=gradient(), mask_image=mask, seed=10, n_images=1,
+        ref, ours, lambda: run_ref(ref, PROMPTS[0], image=gradient(), mask_image=mask, seed=seed, n_images=1,
                                    height=FULL_SIZE, width=FULL_SIZE, **kw),
-        lambda: ours.inpaint(PROMPTS[0], gradient(), mask, seed=10, scheduler="ddim", output_type="np", **kw))
+        lambda: ours.inpaint(PROMPTS[0], gradient(), mask, seed=seed, scheduler="ddim", output_type="np", **kw))
 
 
 @pytest.mark.slow
@@ -647,13 +654,7 @@ def test_full_shape_sd15_inpainting_checkpoint_matches_diffusers(tmp_path_factor
     path, ref, ours = full_shape_pipelines(tmp_path_factory, "sd15_inpaint", "inpaint")
     try:
         assert ours.family.name == "sd15-inpaint" and ours.unet.config.in_channels == 9
-        ref.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
-        kw = dict(negative_prompt="blurry", num_inference_steps=5, strength=0.6, guidance_scale=7.5)
-        mask = disc_mask(FULL_SIZE)
-        assert_full_shape_parity(
-            ref, ours, lambda: run_ref(ref, PROMPTS[0], image=gradient(), mask_image=mask, seed=9, n_images=1,
-                                       height=FULL_SIZE, width=FULL_SIZE, **kw),
-            lambda: ours.inpaint(PROMPTS[0], gradient(), mask, seed=9, scheduler="ddim", output_type="np", **kw))
+        assert_full_shape_inpaint_parity(ddim_pipeline(ref, "StableDiffusionInpaintPipeline"), ours, seed=9)
     finally:
         del ref, ours
         path.unlink()
