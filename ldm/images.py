@@ -1,8 +1,11 @@
 """Image input and output for the pipeline and the `ldm` command.
 
 Input: an image is given as a PIL image, a path, a uint8 array (H, W, 3) or a tensor; it becomes the VAE's input,
-a float tensor (1, 3, H, W) in [-1, 1], with diffusers' `VaeImageProcessor` arithmetic (uint8 / 255, then 2x - 1),
-so the same picture gives the same latents. A mask (white = repaint, as diffusers) becomes (1, 1, H, W) in {0, 1}
+a float tensor (1, 3, H, W) in [-1, 1], with diffusers' `VaeImageProcessor` arithmetic (uint8 / 255, then 2x - 1)
+and its memory layout, so the same picture gives the same latents bit for bit. The layout matters: diffusers
+transposes an (H, W, 3) array to (1, 3, H, W), so its VAE receives a channels-last tensor, and the convolutions and
+GroupNorm then run their channels-last kernels, which sum in another order than the contiguous ones (the latents
+differ by ~1e-6, which a few denoising steps turn into a uint8 level on some pixels). A mask (white = repaint, as diffusers) becomes (1, 1, H, W) in {0, 1}
 with diffusers' grayscale conversion and its binarisation at 0.5.
 
 Output: decoded images (B, 3, H, W) in [-1, 1] become a float array (B, H, W, 3) in [0, 1] or PIL images (the
@@ -62,21 +65,30 @@ def open_image(image: ImageInput, what: str = "image") -> Image.Image | np.ndarr
 
 
 def image_to_tensor(image: ImageInput, what: str = "image") -> Tensor:
-    """An RGB picture as the VAE's input: float32 (1, 3, H, W) in [-1, 1].
+    """An RGB picture as the VAE's input: float32 (1, 3, H, W) in [-1, 1], in diffusers' memory layout.
 
-    A PIL image or path is converted to RGB; an array must be uint8 (H, W, 3); a tensor is (3, H, W) or (1, 3, H, W),
-    uint8 in [0, 255] or float in [0, 1].
+    A PIL image or path is converted to RGB; an array is (H, W, 3), uint8 in [0, 255] or float in [0, 1]; a tensor
+    is (3, H, W) or (1, 3, H, W), uint8 in [0, 255] or float in [0, 1]. A float input is mapped to [-1, 1] in its
+    own precision, then made float32, as diffusers normalises before casting.
     """
     image = open_image(image, what)
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))  # (H, W, 3) uint8
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"{what}: an array must be uint8 of shape (H, W, 3), got {image.dtype} {image.shape}")
-        x = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W) in [0, 1]
+        if image.ndim != 3 or image.shape[-1] != 3 or not (image.dtype == np.uint8
+                                                          or np.issubdtype(image.dtype, np.floating)):
+            raise ValueError(f"{what}: an array must be uint8 or float of shape (H, W, 3), got {image.dtype} "
+                             f"{image.shape}")
+        if image.dtype != np.uint8 and image.size and (image.min() < 0 or image.max() > 1):
+            raise ValueError(f"{what}: a float array must hold values in [0, 1], got [{image.min():.3g}, "
+                             f"{image.max():.3g}]")
+        # diffusers' pil_to_numpy + numpy_to_pt: a contiguous (1, H, W, 3) batch, transposed (not copied), so the
+        # tensor has channels-last strides (3HW, 1, 3W, 3), the batch stride included (oneDNN reads it too)
+        batch = np.stack([image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image])  # (1, H, W, 3)
+        x = torch.from_numpy(batch.transpose(0, 3, 1, 2))  # (1, 3, H, W) in [0, 1], channels-last
     else:
         x = _tensor_01(image, channels=3, what=what)
-    return 2.0 * x - 1.0  # (1, 3, H, W) in [-1, 1]
+    return (2.0 * x - 1.0).float()  # (1, 3, H, W) in [-1, 1], the layout of x kept
 
 
 def mask_to_tensor(mask: ImageInput, what: str = "mask_image") -> Tensor:
@@ -95,23 +107,25 @@ def mask_to_tensor(mask: ImageInput, what: str = "mask_image") -> Tensor:
         m = torch.from_numpy(np.array(mask.convert("L")).astype(np.float32) / 255.0)[None, None]  # (1, 1, H, W)
     else:
         m = _tensor_01(mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask, channels=1, what=what)
-    return (m >= 0.5).float()  # diffusers' binarize: < 0.5 -> 0, >= 0.5 -> 1
+    return (m >= 0.5).float()  # float32; diffusers' binarize: < 0.5 -> 0, >= 0.5 -> 1
 
 
 def _tensor_01(x: Tensor, channels: int, what: str) -> Tensor:
-    """A uint8 or [0, 1] float tensor (C, H, W) / (1, C, H, W) as float32 (1, C, H, W) in [0, 1]."""
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != channels:
+    """A uint8 or [0, 1] float tensor (C, H, W) / (1, C, H, W) as (1, C, H, W) in [0, 1]: uint8 becomes float32.
+
+    The layout is diffusers' (see the module docstring): a 3-D tensor is stacked into a contiguous batch, a 4-D one
+    concatenated, which keeps channels-last strides and makes any other layout contiguous."""
+    if (x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[0] != 1)) or x.shape[-3] != channels:
         raise ValueError(f"{what}: a tensor must be ({channels}, H, W) or (1, {channels}, H, W), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
-        return x.float().cpu() / 255.0
-    if not x.is_floating_point():
+        x = x.float().cpu() / 255.0
+    elif not x.is_floating_point():
         raise ValueError(f"{what}: a tensor must be uint8 or floating point, got {x.dtype}")
-    x = x.detach().float().cpu()
+    else:
+        x = x.detach().cpu()  # its own float dtype: the caller normalises in it, as diffusers does
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(f"{what}: a float tensor must hold values in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
-    return x
+    return torch.stack([x]) if x.ndim == 3 else torch.cat([x])  # (1, C, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ modules' own dotted paths, which are the state-dict key prefixes (`down_blocks.0
     inspect_model("sd21-v", size=512)    -> {"text_encoder": LayerTable, "unet": ..., "vae": ...}
     ldm inspect MODEL [--size PX] [--depth N] [--component unet]   (the same, printed)
 
+Each component's default depth is the one at which the explanatory posts print its torchinfo table
+(`DEFAULT_DEPTHS`): the text encoder and the UNet at 3 (torchinfo's default), the VAE at 4, where each encoder and
+decoder level splits into its `resnets` and its down/upsampler (591,360 / 2,100,224 / 8,394,752 / 9,443,328
+parameters in the encoder's resnets). `depth=N` / `--depth N` sets one depth for all of them.
+
 MODEL is a family preset name (`ldm.config.FAMILIES`: "sd15", "sd21-base", "sd21-v", ...), built on the meta
 device, or a checkpoint path / diffusers folder, loaded with `ldm.load_pipeline` and then described through a meta
 twin built from the loaded configs (the twin's parameter counts are checked against the loaded modules).
@@ -39,6 +44,7 @@ from ldm.config import FAMILIES, FamilyPreset
 
 COMPONENTS = ("text_encoder", "unet", "vae")  # the order of the data path: prompt -> context -> latents -> pixels
 TIMESTEP = 999  # the UNet's example timestep (any value gives the same shapes)
+DEFAULT_DEPTHS = {"text_encoder": 3, "unet": 3, "vae": 4}  # the depths of the posts' tables (see the docstring)
 
 
 @dataclass
@@ -215,7 +221,7 @@ def build_meta(component: str, preset: FamilyPreset) -> nn.Module:
         return cls(cfg).eval()
 
 
-def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None = None, depth: int = 3,
+def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None = None, depth: int | None = None,
                   components: Sequence[str] = COMPONENTS, family: str | None = None,
                   allow_pickle: bool = False) -> dict[str, LayerTable]:
     """Layer tables of a model's components, in data-path order.
@@ -223,6 +229,7 @@ def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None =
     model: a preset name ("sd15", "sd21-v", ... built on the meta device, no weights), a FamilyPreset, or a
     checkpoint file / diffusers folder (loaded with ldm.load_pipeline; `family` and `allow_pickle` go to it).
     size: the image side in pixels (default: the family's native size, 512 or 768).
+    depth: levels of submodules listed, for every component (default: DEFAULT_DEPTHS, each its own).
     """
     for c in components:
         if c not in COMPONENTS:
@@ -249,7 +256,7 @@ def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None =
         twin = build_meta(c, preset)
         args = example_inputs(c, preset, size)
         title = f"{preset.name} {c}: {type(twin).__name__}, image {size}x{size}"
-        table = summarize(twin, args, depth=depth, title=title)
+        table = summarize(twin, args, depth=DEFAULT_DEPTHS[c] if depth is None else depth, title=title)
         if c in loaded:
             real = loaded[c]
             if _count(real) != table.total_params:
@@ -270,7 +277,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       f"file / diffusers folder")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the family's native "
                                                                "size, 512 or 768)")
-    parser.add_argument("--depth", type=int, default=3, help="how many levels of submodules to list (default 3)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="how many levels of submodules to list (default: as the posts' tables, 3 for the text "
+                             "encoder and the UNet, 4 for the VAE)")
     parser.add_argument("--component", choices=COMPONENTS, action="append", default=None,
                         help="only this component (repeatable; default: all three)")
     parser.add_argument("--family", choices=tuple(FAMILIES), default=None,
@@ -283,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     try:
-        if args.depth < 0:
+        if args.depth is not None and args.depth < 0:
             raise ValueError(f"--depth must be >= 0, got {args.depth}")
         tables = inspect_model(args.model, size=args.size, depth=args.depth,
                                components=args.component or COMPONENTS, family=args.family,

@@ -50,6 +50,37 @@ def _added_token(value: str | dict[str, Any], role: str) -> AddedToken:
     raise ValueError(f"CLIPTokenizer: {role} must be a string or an AddedToken dict with 'content', got {value!r}")
 
 
+def _content(value: Any) -> Any:
+    """The text of a special-token config entry (a string, or an AddedToken dict's content)."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], list[dict[str, Any]]]:
+    """The BPE vocab, merges and added tokens of a `tokenizers` JSON file (ValueError naming what is wrong)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIPTokenizer: no such file {str(path)!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"CLIPTokenizer: {path} is not a JSON file ({e})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise ValueError(f"CLIPTokenizer: {path} must hold a BPE model ('model': {{'type': 'BPE', ...}}), "
+                         f"got {kind!r}")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise ValueError(f"CLIPTokenizer: {path}: model.vocab must be an object and model.merges a list")
+    pairs = []
+    for i, merge in enumerate(merges):  # "a b" (older files) or ["a", "b"] (tokenizers >= 0.20)
+        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+        if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise ValueError(f"CLIPTokenizer: {path}: model.merges[{i}] is not a pair of strings: {merge!r}")
+        pairs.append(pair)
+    added = [t for t in data.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("content"), str)]
+    return vocab, pairs, added
+
+
 class CLIPTokenizer:
     """CLIP BPE tokenizer: `tok(prompts) -> LongTensor (B, 77)`, the ids of transformers' CLIPTokenizer with
     padding="max_length", max_length=77, truncation=True."""
@@ -58,6 +89,39 @@ class CLIPTokenizer:
                  special_tokens: dict[str, str | dict[str, Any]] | None = None, model_max_length: int = 77) -> None:
         """special_tokens: role ("bos_token", "eos_token", "unk_token", "pad_token") -> token (string or
         AddedToken dict), missing roles get transformers' defaults."""
+        for path in (vocab_file, merges_file):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"CLIPTokenizer: no such file {str(path)!r}")
+        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+        self._build(vocab, merges, special_tokens, model_max_length, str(vocab_file))
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path, special_tokens: dict[str, str | dict[str, Any]] | None = None,
+                            model_max_length: int = 77) -> "CLIPTokenizer":
+        """A `tokenizers` JSON file (what transformers 5's save_pretrained writes: tokenizer.json, no vocab.json or
+        merges.txt). As transformers' CLIPTokenizer, only its BPE vocab and merges and its added tokens are read and
+        the CLIP pipeline above is built around them, so the ids equal those of the vocab.json + merges.txt form.
+        special_tokens: as for the constructor; each role takes the flags of the file's `added_tokens` entry of the
+        same content, and the file's other added tokens keep their ids."""
+        vocab, merges, added = _read_tokenizer_json(Path(path))
+        return cls._assemble(vocab, merges, {**DEFAULTS, **(special_tokens or {})},
+                             {t["content"]: t for t in added}, model_max_length, str(path))
+
+    @classmethod
+    def _assemble(cls, vocab: dict[str, int], merges: list[tuple[str, str]], special: dict[str, Any],
+                  known: dict[str, dict[str, Any]], model_max_length: int, source: str) -> "CLIPTokenizer":
+        """A tokenizer whose special roles take the flags of the added token (`known`: content -> AddedToken dict)
+        of the same content, with the remaining added tokens added."""
+        tok = cls.__new__(cls)
+        tok._build(vocab, merges, {role: known.get(_content(value), value) for role, value in special.items()},
+                   model_max_length, source, list(known.values()))
+        return tok
+
+    def _build(self, vocab: dict[str, int], merges: list[tuple[str, str]],
+               special_tokens: dict[str, str | dict[str, Any]] | None, model_max_length: int, source: str,
+               extra: Sequence[dict[str, Any]] = ()) -> None:
+        """extra: further added tokens (dicts with content, id and flags, as tokenizer.json lists them), e.g. a
+        textual-inversion word that a fine-tune saved; they keep their ids."""
         special_tokens = {**DEFAULTS, **(special_tokens or {})}
         unknown = set(special_tokens) - set(ROLES)
         if unknown:
@@ -65,14 +129,10 @@ class CLIPTokenizer:
         if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length < 2:
             raise ValueError(f"CLIPTokenizer: model_max_length must be an int >= 2 (BOS and EOS), got "
                              f"{model_max_length!r}")
-        for path in (vocab_file, merges_file):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"CLIPTokenizer: no such file {str(path)!r}")
         tokens = {role: _added_token(value, role) for role, value in special_tokens.items()}
-        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
         for role, token in tokens.items():
             if token.content not in vocab:
-                raise ValueError(f"CLIPTokenizer: {role} {token.content!r} is not in the vocabulary {vocab_file}")
+                raise ValueError(f"CLIPTokenizer: {role} {token.content!r} is not in the vocabulary {source}")
 
         tok = Tokenizer(BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>",
                             fuse_unk=False, unk_token=tokens["unk_token"].content))
@@ -86,29 +146,61 @@ class CLIPTokenizer:
         # One AddedToken per content; where roles share one (SD 1: eos = unk = pad), the last role's flags win.
         by_content = {token.content: token for token in tokens.values()}
         tok.add_special_tokens(sorted(by_content.values(), key=lambda t: vocab[t.content]))
+        self._add_extra_tokens(tok, [t for t in extra if t["content"] not in by_content], source)
         self._tok = tok
         self.special_tokens = {role: token.content for role, token in tokens.items()}
         self._model_max_length = model_max_length
         self._ids = {role: vocab[token.content] for role, token in tokens.items()}
+
+    @staticmethod
+    def _add_extra_tokens(tok: Tokenizer, extra: Sequence[dict[str, Any]], source: str) -> None:
+        """Add tokens beyond the special ones in id order, checking each gets the id the file gives it."""
+        for entry in sorted(extra, key=lambda t: t.get("id", -1)):
+            token = AddedToken(entry["content"], special=bool(entry.get("special", False)),
+                               **{k: bool(entry[k]) for k in ("lstrip", "rstrip", "single_word", "normalized")
+                                  if k in entry})
+            (tok.add_special_tokens if token.special else tok.add_tokens)([token])
+            got = tok.token_to_id(token.content)
+            if "id" in entry and got != entry["id"]:
+                raise ValueError(f"CLIPTokenizer: {source}: added token {token.content!r} has id {entry['id']} but "
+                                 f"the vocabulary gives it {got}; its ids must follow the vocabulary's")
 
     # ---------------------------------------------------------------------------------------------------------
     # Constructors
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "CLIPTokenizer":
-        """A tokenizer folder: vocab.json + merges.txt, optionally tokenizer_config.json and special_tokens_map.json.
+        """A tokenizer folder: tokenizer.json (transformers 5's save_pretrained writes only this) or vocab.json +
+        merges.txt (the official SD repos), optionally tokenizer_config.json and special_tokens_map.json.
 
-        Like transformers, special_tokens_map.json overrides tokenizer_config.json: SD 2's config says pad
-        "<|endoftext|>" but its map says "!", and transformers pads with "!".
+        As transformers reads a folder: tokenizer.json is preferred when both forms are there. The special tokens
+        are the config's roles; unless the config lists its own `added_tokens_decoder`, special_tokens_map.json
+        overrides it (SD 2's config says pad "<|endoftext|>", its map "!", and transformers pads with "!") and a
+        role's flags (e.g. `normalized`) come from tokenizer.json's `added_tokens` entry of the same content.
         """
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"CLIPTokenizer.from_dir: {str(path)!r} is not a folder")
         config = cls._read_json(folder / "tokenizer_config.json")
-        special = {role: config[role] for role in ROLES if config.get(role) is not None}
-        special.update({role: value for role, value in cls._read_json(folder / "special_tokens_map.json").items()
-                        if role in ROLES and value is not None})
-        return cls(folder / "vocab.json", folder / "merges.txt", special, config.get("model_max_length", 77))
+        special: dict[str, Any] = {role: config[role] for role in ROLES if config.get(role) is not None}
+        known: dict[str, Any] = {}  # content -> AddedToken dict, whose flags a role of that content takes
+        if isinstance(config.get("added_tokens_decoder"), dict):
+            known = {t["content"]: {**t, "id": int(i)} for i, t in config["added_tokens_decoder"].items()
+                     if isinstance(t, dict) and isinstance(t.get("content"), str)}
+        else:
+            special.update({role: value for role, value in cls._read_json(folder / "special_tokens_map.json").items()
+                            if role in ROLES and value is not None})
+        if (folder / "tokenizer.json").is_file():
+            source = folder / "tokenizer.json"
+            vocab, merges, added = _read_tokenizer_json(source)
+            known = known or {t["content"]: t for t in added}
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            source = folder / "vocab.json"
+            vocab, merges = BPE.read_file(str(source), str(folder / "merges.txt"))
+        else:
+            raise FileNotFoundError(f"CLIPTokenizer.from_dir: {str(folder)!r} holds neither tokenizer.json nor "
+                                    f"vocab.json + merges.txt; a CLIP tokenizer folder needs one of the two")
+        return cls._assemble(vocab, merges, special, known, config.get("model_max_length", 77), str(source))
 
     @classmethod
     def packaged(cls, pad_token: str = EOS) -> "CLIPTokenizer":

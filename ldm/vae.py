@@ -182,7 +182,13 @@ class VAEAttention(AttentionLayer):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         B, C, H, W = x.shape
-        h = self.group_norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, L, C)
+        # Flatten first, then normalise the (B, C, L) view, in diffusers' order (AttnProcessor2_0). The order is
+        # invisible for a contiguous x but not for a channels-last one, which is what img2img and inpainting encode
+        # (an HWC picture transposed to NCHW, see ldm/images.py): normalising the 4-D x would run GroupNorm's
+        # channels-last kernel and hand the projections a contiguous (B, L, C), where diffusers runs the contiguous
+        # kernel on a copy and hands them a transposed one; each path sums in another order (~1e-6 apart).
+        h = x.reshape(B, C, H * W)  # (B, C, L)
+        h = self.group_norm(h).transpose(1, 2)  # (B, L, C)
         q = self.to_q(h).unsqueeze(1)  # (B, 1, L, C): one head of width C
         k = self.to_k(h).unsqueeze(1)
         v = self.to_v(h).unsqueeze(1)

@@ -176,9 +176,8 @@ def disc_mask(size: int = SIZE) -> Image.Image:
 
 def save_tiny_model_folder(folder: Path) -> Path:
     """The tiny SD 1.x model (random, trained-like weights) saved by diffusers in its model-folder layout: what
-    `ldm.load_pipeline` and `ldm generate --model` read."""
-    import shutil
-
+    `ldm.load_pipeline` and `ldm generate --model` read. With transformers 5 the tokenizer folder holds only
+    tokenizer.json (no vocab.json / merges.txt), as fine-tunes saved by today's tools do."""
     import diffusers
     from transformers import CLIPTextConfig as RefCLIPTextConfig
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -191,8 +190,7 @@ def save_tiny_model_folder(folder: Path) -> Path:
         scheduler=diffusers.PNDMScheduler.from_config(diffusers_config("sd15", "scheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 saves only tokenizer.json; the official model folders ship vocab.json + merges.txt as well
-    shutil.copytree(TOKENIZER_DIR / "sd15", folder / "tokenizer", dirs_exist_ok=True)
+    assert (folder / "tokenizer" / "tokenizer.json").is_file() and not (folder / "tokenizer" / "vocab.json").exists()
     return folder
 
 
@@ -245,3 +243,29 @@ def tiny_pipeline(tok: CLIPTokenizer) -> StableDiffusionPipeline:
         vae=trained_like_(AutoencoderKL(vae), seed=2).eval(),
         text_encoder=trained_like_(CLIPTextModel(text), seed=3).eval(),
         tokenizer=tok, scheduler=DDIMScheduler.from_config(SD15.scheduler), family=SD15)
+
+
+# The tokenizer tests' hard prompts (whitespace, unicode, specials, long texts), reused where ids are compared
+HARD_PROMPTS = [
+    "a dog wearing hat",
+    "",
+    " ",
+    "A Photograph of an ASTRONAUT riding a horse, 4K, HDR, trending on ArtStation",
+    "hello, world! what's up? it'll be fine; they're here, we've won, I'm done, you'd see",
+    "don't won't can't isn't SHE'S",
+    "numbers 1234567 3.14159 -42 1e10 2024-11-23 #1 $5 50% 1/2",
+    "punctuation !!! ??? ... --- ((masterpiece)), [best quality:1.2], {a|b}, <lora:x:0.8>",
+    "café naïve résumé Ångström Zürich façade coöperate",
+    "Cafe\u0301 (combining accent, NFC makes it café)",
+    "emoji 🐶🐱 👩‍🚀 🚀✨ ❤️",
+    "CJK 東京の夜景 北京 서울 の猫",
+    "Ελληνικά кириллица עברית العربية हिन्दी ไทย",
+    "runs   of  spaces\tand\ttabs\nand\nnewlines\r\n\u00a0nbsp\u2003em-space   ",
+    "  leading and trailing whitespace  ",
+    "<|startoftext|>special<|endoftext|> tokens in the text <|ENDOFTEXT|>",
+    "snake_case camelCase kebab-case dots.and.more @mention #hashtag http://example.com/a?b=c",
+    "a " * 100,
+    "an extremely detailed " + "and very long prompt with many different words " * 12 + "END",
+    "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
+    "\x00\x07 control chars \u200b zero width \ufeff bom",
+]

@@ -57,6 +57,16 @@ def test_generate_writes_a_png_with_a1111_parameters(model_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "cat.png"], "a temporary file was left behind"
 
 
+def test_inspect_reads_a_save_pretrained_folder(model_dir, capsys):
+    """`ldm inspect DIR` on diffusers' own save_pretrained folder (its tokenizer: tokenizer.json only)."""
+    assert not (model_dir / "tokenizer" / "vocab.json").exists()
+    assert main(["inspect", str(model_dir), "--size", "64", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    pipe = ldm.load_pipeline(model_dir)
+    for part in (pipe.text_encoder, pipe.unet, pipe.vae):
+        assert f"Total params: {sum(p.numel() for p in part.parameters()):,}" in out
+
+
 def test_same_seed_gives_byte_identical_pngs(model_dir, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for out in (a, b):

@@ -295,3 +295,30 @@ def test_legacy_clip_prefix(tiny_files: dict[str, Path], tmp_path: Path) -> None
     a = load_components(tiny_files["sd1"], family=TINY_SD1).text_encoder.state_dict()
     b = load_components(legacy, family=TINY_SD1).text_encoder.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_of_a_save_pretrained_folder_loads_in_diffusers_and_ours(tmp_path: Path) -> None:
+    """A model loaded from diffusers' save_pretrained folder (tokenizer.json only) exports to a folder that
+    diffusers / transformers and ldm read with the same tokenizer ids; added tokens the export cannot write are a
+    clear error, with nothing written."""
+    import diffusers
+    import transformers
+
+    from ldm.tokenizer import CLIPTokenizer
+    from tests.helpers import HARD_PROMPTS as PROMPTS, save_tiny_model_folder
+
+    parts = load_components(save_tiny_model_folder(tmp_path / "saved"))
+    out = export_diffusers(parts, tmp_path / "exported")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
+                                                             requires_safety_checker=False)
+    expected = ref.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert load_components(out).tokenizer(PROMPTS).tolist() == expected.input_ids.tolist()
+    assert parts.tokenizer(PROMPTS).tolist() == expected.input_ids.tolist()
+
+    extended = transformers.CLIPTokenizer.from_pretrained(out / "tokenizer")
+    extended.add_tokens(["<cat-toy>"])
+    extended.save_pretrained(tmp_path / "extended")
+    parts.tokenizer = CLIPTokenizer.from_dir(tmp_path / "extended")
+    with pytest.raises(ValueError, match="49409 tokens.*drop the added tokens"):
+        export_diffusers(parts, tmp_path / "lossy")
+    assert not (tmp_path / "lossy").exists()

@@ -9,6 +9,8 @@ differ by at most 1 level on at most 0.1% of pixels (a value on a rounding bound
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Iterator
@@ -16,15 +18,37 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ldm
 from ldm.attention import attention_layers, set_attention_chunk
-from tests.helpers import (LATENT_TOL, NEGATIVES, PROMPTS, SIZE, assert_images_close, disc_mask, picture, pipelines,
-                           ref_scheduler, rel_err, run_ref)
+from tests.helpers import (HARD_PROMPTS, LATENT_TOL, NEGATIVES, PROMPTS, SIZE, assert_images_close, disc_mask, picture,
+                           pipelines, ref_scheduler, rel_err, run_ref, save_tiny_model_folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # End to end against diffusers
+
+
+def test_load_pipeline_reads_a_save_pretrained_folder(tmp_path):
+    """diffusers' own save_pretrained folder (tokenizer.json only) loads; the tokenizer gives transformers' ids on
+    the tokenizer tests' hard prompts and the pipeline diffusers' image."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    folder = save_tiny_model_folder(tmp_path / "tiny-sd")
+    pipe = ldm.load_pipeline(folder)
+    ref_tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    expected = ref_tok(HARD_PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert pipe.tokenizer(HARD_PROMPTS).tolist() == expected.input_ids.tolist()
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                             requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt=NEGATIVES[0], num_inference_steps=2, height=SIZE, width=SIZE)
+    ref_images, ref_latents = run_ref(ref, HARD_PROMPTS[7], seed=3, n_images=1, **kw)
+    out = pipe(HARD_PROMPTS[7], seed=3, output_type="np", weighting=False, **kw)  # its ((...)) read literally
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
 
 
 @pytest.mark.parametrize("scheduler,eta", [("ddim", 0.0), ("lms", 0.0), ("ddim", 0.5)])
@@ -132,6 +156,75 @@ def test_inpaint_blending_matches_diffusers(tiny):
     assert_images_close(out.images, ref_images)
 
 
+@contextlib.contextmanager
+def capturing(*pipes) -> Iterator[list[dict[str, list[torch.Tensor]]]]:
+    """Record, per pipeline, every VAE posterior (the quant_conv output: the image latents' mean and logvar) and
+    every UNet input `sample` of a run, ours or diffusers' (the modules have the same names)."""
+    seen = [{"posterior": [], "unet": []} for _ in pipes]
+    handles = []
+    for pipe, record in zip(pipes, seen):
+        handles.append(pipe.vae.quant_conv.register_forward_hook(
+            lambda m, args, out, record=record: record["posterior"].append(out.clone())))
+        handles.append(pipe.unet.register_forward_pre_hook(
+            lambda m, args, kwargs, record=record: record["unet"].append(
+                (args[0] if args else kwargs["sample"]).clone()), with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def image_as(kind: str, image: Image.Image):
+    """(diffusers' input, ours): the same picture as each input type a user may pass, a tensor in each memory
+    layout it may come in. diffusers reads an array as float in [0, 1]; ours also takes the uint8 array."""
+    arr = np.array(image)
+    nhwc = torch.from_numpy(arr[None].astype(np.float32) / 255.0)  # (1, H, W, 3)
+    given = {"pil": image, "numpy": nhwc[0].numpy(), "tensor": nhwc.permute(0, 3, 1, 2).contiguous(),
+             "tensor-3d": nhwc[0].permute(2, 0, 1).contiguous(),
+             "tensor-channels-last": nhwc.permute(0, 3, 1, 2),  # a permuted view: channels-last strides
+             "tensor-3d-hwc-view": nhwc[0].permute(2, 0, 1),
+             "tensor-strided": torch.cat([nhwc, nhwc], dim=2).permute(0, 3, 1, 2)[..., ::2]}
+    if kind == "numpy-uint8":
+        return given["numpy"], arr
+    return given[kind], given[kind]
+
+
+@pytest.mark.parametrize("kind", ["pil", "numpy", "numpy-uint8", "tensor", "tensor-3d", "tensor-channels-last",
+                                  "tensor-3d-hwc-view", "tensor-strided"])
+def test_image_latents_bit_identical_to_diffusers(tiny, kind):
+    """img2img: the image's posterior and the first UNet input equal diffusers' exactly, for every input type.
+
+    diffusers turns a PIL image or array (H, W, 3) into (1, 3, H, W) by transposing, so its VAE sees channels-last
+    strides, while a 3-D tensor is stacked into a contiguous one; the convolutions and GroupNorm take other kernels
+    for each layout, which sum in another order (~1e-6 apart). Bit-identical latents need the same layout."""
+    ref, ours = pipelines(tiny, "ddim", kind="img2img")
+    ref_image, image = image_as(kind, picture(9))
+    kw = dict(num_inference_steps=2, strength=0.5, guidance_scale=7.5, output_type="latent")  # one step
+    with capturing(ref, ours) as (refs, seen):
+        ref(PROMPTS[0], image=ref_image, generator=[torch.Generator().manual_seed(5)], **kw)
+        ours.img2img(PROMPTS[0], image, seed=5, **kw)
+    assert len(seen["posterior"]) == len(refs["posterior"]) == 1
+    assert torch.equal(seen["posterior"][0], refs["posterior"][0]), \
+        f"{kind}: posterior differs by {rel_err(seen['posterior'][0], refs['posterior'][0]):.2e} relative"
+    assert torch.equal(seen["unet"][0], refs["unet"][0]), f"{kind}: the first UNet input differs"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["9-channel", "blending"])
+def test_inpaint_latents_bit_identical_to_diffusers(tiny, native):
+    """Inpainting: the image's and the masked image's posteriors and the first UNet input equal diffusers'."""
+    ref, ours = pipelines(tiny, "ddim", inpainting=native, kind="inpaint")
+    kw = dict(num_inference_steps=2, strength=0.5, guidance_scale=7.5, output_type="latent")  # one step
+    with capturing(ref, ours) as (refs, seen):
+        ref(PROMPTS[1], image=picture(10), mask_image=disc_mask(), generator=[torch.Generator().manual_seed(6)],
+            height=SIZE, width=SIZE, **kw)
+        ours.inpaint(PROMPTS[1], picture(10), disc_mask(), seed=6, **kw)
+    assert len(seen["posterior"]) == len(refs["posterior"]) == 2  # the image, then the masked image
+    for i, (a, b) in enumerate(zip(seen["posterior"], refs["posterior"])):
+        assert torch.equal(a, b), f"posterior {i} differs by {rel_err(a, b):.2e} relative"
+    assert torch.equal(seen["unet"][0], refs["unet"][0]), "the first UNet input differs"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Seeds, batches, callbacks, outputs
 
@@ -190,14 +283,18 @@ def test_output_types(tiny):
 
 
 def test_image_inputs_are_equivalent(tiny):
-    """PIL, path, uint8 array and tensor give the same img2img result."""
+    """PIL, uint8 array and float array give the same img2img result bit for bit; a tensor the same up to the
+    kernels' summation order (diffusers, too, stacks a 3-D tensor into a contiguous batch where an array becomes a
+    channels-last one; see test_image_latents_bit_identical_to_diffusers)."""
     _, ours = pipelines(tiny, "ddim")
     image = picture(5)
     kw = dict(seed=2, num_inference_steps=2, strength=1.0, output_type="latent")
     ref = ours.img2img("x", image, **kw).latents
     arr = np.array(image)
-    for given in (arr, torch.from_numpy(arr).permute(2, 0, 1), torch.from_numpy(arr).permute(2, 0, 1) / 255.0):
-        assert rel_err(ours.img2img("x", given, **kw).latents, ref) <= 1e-6
+    for given in (arr, arr.astype(np.float32) / 255.0):
+        assert torch.equal(ours.img2img("x", given, **kw).latents, ref)
+    for given in (torch.from_numpy(arr).permute(2, 0, 1), torch.from_numpy(arr).permute(2, 0, 1) / 255.0):
+        assert rel_err(ours.img2img("x", given, **kw).latents, ref) <= 1e-5
 
 
 def test_image_path(tiny, tmp_path):
@@ -375,35 +472,74 @@ def test_full_shape_sd15_txt2img_matches_diffusers(sd15_full, scheduler):
     assert_images_close(out.images, ref_images)
 
 
-@pytest.mark.slow
-def test_full_shape_sd15_img2img_matches_diffusers(sd15_full):
-    import diffusers
+FULL_SIZE = 192  # px: 24x24 latents; at 64 px the channels-last VAE input of diffusers went unnoticed
 
-    ref, ours = sd15_full
-    ref = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
-    ref.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
-    ref.set_progress_bar_config(disable=True)
-    kw = dict(negative_prompt="blurry", num_inference_steps=4, strength=0.75, guidance_scale=7.5)
-    ref_images, ref_latents = run_ref(ref, PROMPTS[1], image=picture(7), seed=8, n_images=1, **kw)
-    out = ours.img2img(PROMPTS[1], picture(7), seed=8, scheduler="ddim", output_type="np", **kw)
-    assert out.steps_run == 3
+
+def gradient(size: int = FULL_SIZE) -> Image.Image:
+    """A smooth RGB gradient: the kind of picture on which a 1e-6 latent difference moves uint8 levels."""
+    yy, xx = np.mgrid[:size, :size]
+    return Image.fromarray(np.stack([xx * 255 // size, yy * 255 // size, (xx + yy) * 255 // (2 * size)],
+                                    axis=-1).astype(np.uint8))
+
+
+def assert_full_shape_parity(ref, ours, ref_call, our_call) -> None:
+    """The image latents bit-identical, the final latents within LATENT_TOL, the images within the contract."""
+    with capturing(ref, ours) as (refs, seen):
+        ref_images, ref_latents = ref_call()
+        out = our_call()
+    assert len(seen["posterior"]) == len(refs["posterior"]) > 0
+    for i, (a, b) in enumerate(zip(seen["posterior"], refs["posterior"])):
+        assert torch.equal(a, b), f"posterior {i} differs by {rel_err(a, b):.2e} relative"
     assert rel_err(out.latents, ref_latents) <= LATENT_TOL
     assert_images_close(out.images, ref_images)
 
 
+def ddim_pipeline(ref, cls_name: str):
+    """diffusers' pipeline `cls_name` on the components of `ref`, with DDIM."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name)(**ref.components)
+    pipe.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.slow
+def test_full_shape_sd15_img2img_matches_diffusers(sd15_full):
+    """A PIL picture (the path users take) at 192 px, strength 0.6 of 5 steps."""
+    ref, ours = sd15_full
+    ref = ddim_pipeline(ref, "StableDiffusionImg2ImgPipeline")
+    kw = dict(negative_prompt="blurry", num_inference_steps=5, strength=0.6, guidance_scale=7.5)
+    assert_full_shape_parity(
+        ref, ours, lambda: run_ref(ref, PROMPTS[1], image=gradient(), seed=8, n_images=1, **kw),
+        lambda: ours.img2img(PROMPTS[1], gradient(), seed=8, scheduler="ddim", output_type="np", **kw))
+
+
+@pytest.mark.slow
+def test_full_shape_sd15_inpaint_blending_matches_diffusers(sd15_full):
+    """Latent blending on the ordinary SD 1.5 checkpoint, at 192 px with a PIL picture and mask."""
+    ref, ours = sd15_full
+    ref = ddim_pipeline(ref, "StableDiffusionInpaintPipeline")
+    assert_full_shape_inpaint_parity(ref, ours, seed=10)
+
+
+def assert_full_shape_inpaint_parity(ref, ours, seed: int) -> None:
+    """Inpainting a PIL gradient under a disc mask at 192 px, strength 0.6 of 5 DDIM steps, as diffusers."""
+    kw = dict(negative_prompt="blurry", num_inference_steps=5, strength=0.6, guidance_scale=7.5)
+    mask = disc_mask(FULL_SIZE)
+    assert_full_shape_parity(
+        ref, ours, lambda: run_ref(ref, PROMPTS[0], image=gradient(), mask_image=mask, seed=seed, n_images=1,
+                                   height=FULL_SIZE, width=FULL_SIZE, **kw),
+        lambda: ours.inpaint(PROMPTS[0], gradient(), mask, seed=seed, scheduler="ddim", output_type="np", **kw))
+
+
 @pytest.mark.slow
 def test_full_shape_sd15_inpainting_checkpoint_matches_diffusers(tmp_path_factory):
-    """The 9-channel SD 1.5 inpainting layout, detected from the file's keys."""
+    """The 9-channel SD 1.5 inpainting layout, detected from the file's keys, at 192 px with a PIL picture."""
     path, ref, ours = full_shape_pipelines(tmp_path_factory, "sd15_inpaint", "inpaint")
     try:
         assert ours.family.name == "sd15-inpaint" and ours.unet.config.in_channels == 9
-        ref.scheduler = ref_scheduler("ddim", dict(ref.scheduler.config))
-        kw = dict(negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5)
-        ref_images, ref_latents = run_ref(ref, PROMPTS[0], image=picture(8), mask_image=disc_mask(), seed=9,
-                                          n_images=1, height=SIZE, width=SIZE, **kw)
-        out = ours.inpaint(PROMPTS[0], picture(8), disc_mask(), seed=9, scheduler="ddim", output_type="np", **kw)
-        assert rel_err(out.latents, ref_latents) <= LATENT_TOL
-        assert_images_close(out.images, ref_images)
+        assert_full_shape_inpaint_parity(ddim_pipeline(ref, "StableDiffusionInpaintPipeline"), ours, seed=9)
     finally:
         del ref, ours
         path.unlink()

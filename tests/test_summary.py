@@ -190,3 +190,26 @@ def test_ldm_inspect_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Total params: 340,387,840" in out
     assert ldm_main(["inspect", "sd15", "--size", "100"]) == 2
     assert "multiple of 64" in capsys.readouterr().err
+
+
+def test_default_depth_per_component_shows_the_posts_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --depth each table is as deep as the posts print it: the VAE at 4 (each encoder level's resnets),
+    the text encoder and the UNet at 3; --depth N still sets one depth for all."""
+    from ldm.cli import main as ldm_main
+    from ldm.summary import DEFAULT_DEPTHS
+
+    tables = inspect_model("sd21-v", size=512)
+    for component, table in tables.items():
+        assert table.depth == DEFAULT_DEPTHS[component] and max(r.depth for r in table.rows) == table.depth
+    assert (DEFAULT_DEPTHS["vae"], DEFAULT_DEPTHS["unet"], DEFAULT_DEPTHS["text_encoder"]) == (4, 3, 3)
+    assert [tables["vae"].row(f"encoder.down_blocks.{i}.resnets").params for i in range(4)] == [
+        591_360, 2_100_224, 8_394_752, 9_443_328]
+    assert tables["text_encoder"].row("text_model.encoder.layers").params == 289_713_152  # the posts' depth 3
+
+    assert ldm_main(["inspect", "sd21-v", "--size", "512", "--component", "vae"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if ".resnets (ModuleList)" in line}
+    assert [rows[f"encoder.down_blocks.{i}.resnets"] for i in range(4)] == [
+        "591,360", "2,100,224", "8,394,752", "9,443,328"]
+    assert ldm_main(["inspect", "sd21-v", "--size", "512", "--component", "vae", "--depth", "3"]) == 0
+    assert "encoder.down_blocks.0.resnets" not in capsys.readouterr().out

@@ -13,33 +13,11 @@ import transformers
 
 import ldm
 from ldm.tokenizer import CLIPTokenizer
-from tests.helpers import TOKENIZER_DIR
+from tests.helpers import HARD_PROMPTS, TOKENIZER_DIR
 
 FAMILIES = {"sd15": ("<|endoftext|>", 49407), "sd21": ("!", 0)}
 
-PROMPTS = [
-    "a dog wearing hat",
-    "",
-    " ",
-    "A Photograph of an ASTRONAUT riding a horse, 4K, HDR, trending on ArtStation",
-    "hello, world! what's up? it'll be fine; they're here, we've won, I'm done, you'd see",
-    "don't won't can't isn't SHE'S",
-    "numbers 1234567 3.14159 -42 1e10 2024-11-23 #1 $5 50% 1/2",
-    "punctuation !!! ??? ... --- ((masterpiece)), [best quality:1.2], {a|b}, <lora:x:0.8>",
-    "café naïve résumé Ångström Zürich façade coöperate",
-    "Cafe\u0301 (combining accent, NFC makes it café)",
-    "emoji 🐶🐱 👩‍🚀 🚀✨ ❤️",
-    "CJK 東京の夜景 北京 서울 の猫",
-    "Ελληνικά кириллица עברית العربية हिन्दी ไทย",
-    "runs   of  spaces\tand\ttabs\nand\nnewlines\r\n\u00a0nbsp\u2003em-space   ",
-    "  leading and trailing whitespace  ",
-    "<|startoftext|>special<|endoftext|> tokens in the text <|ENDOFTEXT|>",
-    "snake_case camelCase kebab-case dots.and.more @mention #hashtag http://example.com/a?b=c",
-    "a " * 100,
-    "an extremely detailed " + "and very long prompt with many different words " * 12 + "END",
-    "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
-    "\x00\x07 control chars \u200b zero width \ufeff bom",
-]
+PROMPTS = HARD_PROMPTS
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -156,3 +134,58 @@ def test_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sep_token"):
         CLIPTokenizer(TOKENIZER_DIR / "sd15" / "vocab.json", TOKENIZER_DIR / "sd15" / "merges.txt",
                       special_tokens={"sep_token": "!"})
+
+
+def saved_by_transformers(family: str, folder: Path, extra_tokens: tuple[str, ...] = ()) -> Path:
+    """The tokenizer folder transformers 5's save_pretrained writes (what diffusers' pipeline save writes too):
+    tokenizer.json and tokenizer_config.json, no vocab.json / merges.txt."""
+    ref = transformers.CLIPTokenizer.from_pretrained(TOKENIZER_DIR / family)
+    if extra_tokens:
+        ref.add_tokens(list(extra_tokens))
+    ref.save_pretrained(folder)
+    assert (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").exists()
+    return folder
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tokenizer_json_folder_matches_transformers(family: str, tmp_path: Path) -> None:
+    """A folder with only tokenizer.json loads, with transformers' ids, pieces, padding and truncation; the same
+    tokenizer as the vocab.json + merges.txt form."""
+    folder = saved_by_transformers(family, tmp_path)
+    ref, ours = transformers.CLIPTokenizer.from_pretrained(folder), CLIPTokenizer.from_dir(folder)
+    assert ours.pad_id == FAMILIES[family][1] and ours.special_tokens["pad_token"] == FAMILIES[family][0]
+    ids, expected = ours(PROMPTS), reference_ids(ref, PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        assert ids[i].tolist() == expected[i].tolist(), f"{family}: prompt {prompt!r}"
+        assert ours.tokenize(prompt) == ref.tokenize(prompt), f"{family}: tokenize {prompt!r}"
+    classic = CLIPTokenizer.from_dir(TOKENIZER_DIR / family)
+    assert json.loads(ours._tok.to_str()) == json.loads(classic._tok.to_str())
+    from_file = CLIPTokenizer.from_tokenizer_json(folder / "tokenizer.json", {"pad_token": FAMILIES[family][0]})
+    assert torch.equal(from_file(PROMPTS), ids)
+
+
+def test_tokenizer_json_added_tokens_keep_their_ids(tmp_path: Path) -> None:
+    """Words a fine-tune added (textual inversion) keep the ids transformers gives them."""
+    folder = saved_by_transformers("sd15", tmp_path, extra_tokens=("<cat-toy>", "<my-style>"))
+    ref, ours = transformers.CLIPTokenizer.from_pretrained(folder), CLIPTokenizer.from_dir(folder)
+    prompts = ["a <cat-toy> in <my-style>", "<MY-STYLE>, <cat-toy><cat-toy>", PROMPTS[3]]
+    assert ours(prompts).tolist() == reference_ids(ref, prompts).tolist()
+    assert ours.vocab_size == len(ref) == 49410 and ours.encode("<my-style>") == [49409]
+
+
+def test_tokenizer_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"neither tokenizer.json nor vocab.json \+ merges.txt"):
+        CLIPTokenizer.from_dir(tmp_path)
+    shutil.copy(TOKENIZER_DIR / "sd15" / "vocab.json", tmp_path / "vocab.json")  # merges.txt missing
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json"):
+        CLIPTokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
+    with pytest.raises(ValueError, match="must hold a BPE model"):
+        CLIPTokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a JSON file"):
+        CLIPTokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a"]}}')
+    with pytest.raises(ValueError, match=r"merges\[0\]"):
+        CLIPTokenizer.from_dir(tmp_path)

@@ -24,6 +24,8 @@ from torch import nn
 from ldm.config import DIFFUSERS_VERSION
 from ldm.hub import WEIGHT_FILES
 
+CLIP_VOCAB_SIZE = 49_408  # the packaged vocab.json, the same for SD 1 and SD 2
+
 from weights_convert.load import Components
 from weights_convert.safetensors_file import write_streaming
 
@@ -40,6 +42,13 @@ def _write_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> N
     out_dtype = {k: (dtype if dtype is not None and state[k].is_floating_point() else state[k].dtype) for k in names}
     entries = [(k, out_dtype[k], tuple(state[k].shape)) for k in names]
     write_streaming(path, entries, (state[k].to(out_dtype[k]) for k in names), metadata={"format": "pt"})
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if tokenizer.vocab_size != CLIP_VOCAB_SIZE:  # e.g. a textual-inversion word loaded from a tokenizer.json
+        raise ValueError(f"export: the tokenizer has {tokenizer.vocab_size} tokens, CLIP's vocabulary "
+                         f"{CLIP_VOCAB_SIZE}; the export writes CLIP's vocab.json + merges.txt, which would drop the "
+                         f"added tokens")
 
 
 def _tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -63,6 +72,7 @@ def export_diffusers(parts: Components | Any, out_dir: str | Path, dtype: torch.
     a loader would find it. An existing non-empty `out_dir` is an error unless `replace=True`.
     """
     out = Path(out_dir)
+    _check_tokenizer(parts.tokenizer)
     if out.exists() and any(out.iterdir()) and not replace:
         raise FileExistsError(f"{out}: exists and is not empty; export writes a fresh folder")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
