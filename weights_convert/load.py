@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -140,22 +141,12 @@ def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> Source:
 
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Inside the block, every parameter a module registers lives on the meta device (no memory, init is a no-op).
-
-    Buffers stay real, so a model's non-persistent buffers (not in any file) are built as usual.
-    """
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
+    """Inside the block, every tensor a module creates lives on the meta device: no memory, no random init, not
+    even the transient allocation nn.Linear makes before registering its weight (an absurd config costs nothing
+    until the weights file has been checked against it). Our models have no buffers outside the state dict that
+    would need real values (`fused_weight` is None until fused)."""
+    with torch.device("meta"):
         yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
@@ -191,15 +182,26 @@ def _fill(model: nn.Module, rules: list[Rule], source: Source, component: str, d
 # The three source kinds
 
 
-def _scheduler(config: dict[str, Any]) -> Any:
+MAX_TRAIN_TIMESTEPS = 100_000  # SD uses 1000; the schedules are arrays of this length
+
+
+def _scheduler(config: dict[str, Any], where: str | Path = "scheduler config") -> Any:
+    """The scheduler a config names, among ldm.schedulers' own classes only (never any other attribute)."""
     from ldm import schedulers
 
+    known = {c.__name__: c for c in schedulers.SCHEDULERS.values()}
     name = config.get("_class_name")
-    cls = getattr(schedulers, str(name), None)
-    if not isinstance(cls, type):
-        raise CheckpointError(f"scheduler class {name!r} is not implemented; ldm.schedulers has "
-                              f"{', '.join(c.__name__ for c in schedulers.SCHEDULERS.values())}")
-    return cls.from_config(config)
+    if not isinstance(name, str) or name not in known:
+        raise CheckpointError(f"{where}: scheduler class {name!r:.80} is not implemented; ldm.schedulers has "
+                              f"{', '.join(known)}")
+    steps = config.get("num_train_timesteps", 1000)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise CheckpointError(f"{where}: num_train_timesteps must be an int in [1, {MAX_TRAIN_TIMESTEPS:,}], "
+                              f"got {steps!r:.80}")
+    try:
+        return known[name].from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong type or range
+        raise CheckpointError(f"{where}: {type(e).__name__}: {e}") from None
 
 
 def _tokenizer_packaged(preset: FamilyPreset) -> Any:
@@ -227,9 +229,50 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a diffusers folder needs it)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a config (JSON nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a JSON object expected, got a {type(data).__name__}")
+    return data
+
+
+def _read_config(path: Path, reader: Callable[[dict[str, Any]], Any]) -> Any:
+    """A component config from its config.json; a bad value raises CheckpointError naming the file."""
+    try:
+        return reader(_read_json(path))
+    except (ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+# Where a config's counts show in the weights' keys: component -> [(field, key pattern whose group is an index)].
+# Checked before a model is built, so that a config asking for 10^9 layers is refused at once.
+_COUNTED = {
+    "unet": [("block_out_channels", r"down_blocks\.(\d+)\."), ("layers_per_block", r"down_blocks\.0\.resnets\.(\d+)\.")],
+    "vae": [("block_out_channels", r"encoder\.down_blocks\.(\d+)\."),
+            ("layers_per_block", r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")],
+    "text_encoder": [("num_hidden_layers", r"encoder\.layers\.(\d+)\.")],
+}
+
+
+def check_counts(component: str, config: Any, source: Source, where: Path) -> None:
+    """The level and layer counts of `config` against the keys of its weights (CheckpointError if they differ).
+
+    Sizes (widths, vocabulary, positions) are then checked by `verify` against a model built on the meta device,
+    before any memory is allocated for it."""
+    keys = source.keys()
+    for name, pattern in _COUNTED[component]:
+        value = getattr(config, name)
+        wanted = len(value) if isinstance(value, tuple) else value
+        found = {int(m.group(1)) for k in keys if (m := re.match(rf"(?:text_model\.)?{pattern}", k))}
+        if wanted != len(found):
+            raise CheckpointError(f"{where}: config {name} = {value!r:.80} means {wanted:,} "
+                                  f"{'levels' if isinstance(value, tuple) else 'layers'}, the weights "
+                                  f"{source.path} hold {len(found)}")
 
 
 def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool) -> Source:
@@ -294,17 +337,18 @@ def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, schedul
 
 def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype | None, device: str | torch.device,
             variant: str | None, allow_pickle: bool, skip_vae: bool) -> Components:
-    from ldm.tokenizer import CLIPTokenizer
-
     if not any(folder.iterdir()):
         raise CheckpointError(f"{folder}: an empty folder (expected a diffusers model folder or a weights file)")
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no {part}/ subfolder)")
-    unet_cfg = UNetConfig.from_diffusers(_read_json(folder / "unet" / "config.json"))
-    vae_cfg = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
-    text_cfg = CLIPTextConfig.from_transformers(_read_json(folder / "text_encoder" / "config.json"))
-    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+    unet_cfg = _read_config(folder / "unet" / "config.json", UNetConfig.from_diffusers)
+    vae_cfg = _read_config(folder / "vae" / "config.json", VAEConfig.from_diffusers)
+    text_cfg = _read_config(folder / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched_cfg = _read_json(sched_path)
+    scheduler = _scheduler(sched_cfg, sched_path)  # a bad scheduler config is found before any weights are read
+    tokenizer = _tokenizer_dir(folder / "tokenizer")
     name = _folder_family(folder, unet_cfg, text_cfg, sched_cfg, family)
     # The default image size is diffusers' rule: the UNet's training latent size times the VAE's factor
     # (64 x 8 = 512 for SD 1.5, 96 x 8 = 768 for SD 2.1-v; 16 x 4 = 64 for the packaged shapes model).
@@ -313,17 +357,34 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg, native_size=native,
                      prediction_type=sched_cfg.get("prediction_type", "epsilon"),
                      scheduler_class=sched_cfg.get("_class_name", FAMILIES[name].scheduler_class))
-    models = {c: _empty_model(c, preset) for c in COMPONENTS if not (skip_vae and c == "vae")}
+    wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
+    configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg}
     sources: dict[str, Source] = {}
-    rules: dict[str, list[Rule]] = {}
-    for c, model in models.items():  # verify every component before filling any
+    for c in wanted:  # the configs' counts against the files, before any model is built
         sub, stem = FOLDER_WEIGHTS[c]
         sources[c] = folder_weights(folder / sub, stem, variant, allow_pickle)
+        check_counts(c, configs[c], sources[c], folder / sub / "config.json")
+    models = {c: _empty_model(c, preset) for c in wanted}
+    rules: dict[str, list[Rule]] = {}
+    for c, model in models.items():  # verify every component before filling any
         rules[c] = folder_rules(c, _expected(model), sources[c])
         verify(rules[c], sources[c], {c: _expected(model)}, what=f"diffusers {c}")
     filled = {c: _fill(m, rules[c], sources[c], c, dtype, device) for c, m in models.items()}
-    return Components(filled["unet"], filled.get("vae"), filled["text_encoder"],
-                      CLIPTokenizer.from_dir(folder / "tokenizer"), _scheduler(sched_cfg), preset, folder)
+    return Components(filled["unet"], filled.get("vae"), filled["text_encoder"], tokenizer, scheduler, preset,
+                      folder)
+
+
+def _tokenizer_dir(folder: Path) -> Any:
+    """The folder's tokenizer; a damaged vocab.json / merges.txt / config raises CheckpointError naming it."""
+    from ldm.tokenizer import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_dir(folder)
+    except RecursionError:
+        raise CheckpointError(f"{folder}: a tokenizer file is nested too deeply to be JSON") from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for damaged files
+        raise CheckpointError(f"{folder}: cannot read the tokenizer ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
 
 
 def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
@@ -335,8 +396,9 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
     path = Path(path)
     if path.is_dir():
         sub = path / "vae" if (path / "vae").is_dir() else path
-        cfg = VAEConfig.from_diffusers(_read_json(sub / "config.json"))
+        cfg = _read_config(sub / "config.json", VAEConfig.from_diffusers)
         source = folder_weights(sub, "diffusion_pytorch_model", None, allow_pickle)
+        check_counts("vae", cfg, source, sub / "config.json")
         diffusers_layout = True
     else:
         cfg = config or VAEConfig()
