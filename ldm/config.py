@@ -79,6 +79,13 @@ def _check_types(config: Any, owner: str, **also: str) -> None:
                              f"got {value!r:.80}")
 
 
+def _lists(owner: str, kw: dict[str, Any], *names: str) -> None:
+    """Keys whose value must be a JSON list, checked before anything takes their length."""
+    for name in names:
+        if name in kw and not isinstance(kw[name], (list, tuple)):
+            raise ValueError(f"{owner}: {name} must be a list, got {kw[name]!r:.80}")
+
+
 def _positive(owner: str, **values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -135,6 +142,7 @@ class VAEConfig:
         accepted = {f for f in cls.__dataclass_fields__} | {"down_block_types", "up_block_types"}
         fixed = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None}
         kw = _read(d, owner, accepted, fixed)
+        _lists(owner, kw, "block_out_channels", "down_block_types", "up_block_types")
         n = len(kw.get("block_out_channels", (64,)))  # diffusers' default is one level of 64
         for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = tuple(kw.pop(key, (block,)))
@@ -315,6 +323,7 @@ class UNetConfig:
                     "norm_eps", "dropout", "sample_size", "down_block_types", "up_block_types",
                     "attention_head_dim", "num_attention_heads"}
         kw = _read(d, owner, accepted, _UNET_FIXED)
+        _lists(owner, kw, "block_out_channels", "down_block_types", "up_block_types")
         # diffusers' defaults where they differ from ours
         widths = tuple(kw.pop("block_out_channels", (320, 640, 1280, 1280)))
         kw.setdefault("cross_attention_dim", 1280)

@@ -17,11 +17,9 @@ then read with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import nn
 from ldm.config import FAMILIES, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
 
 from weights_convert.checkpoint import checkpoint_rules, detect_layout, resolve_family
+from weights_convert.configs import check_counts, read_config, read_json
 from weights_convert.convert import MAX_LISTED, DictSource, Source, tensors, verify
 from weights_convert.rules import Rule, drop
 from weights_convert.safetensors_file import CheckpointError, SafetensorsFile
@@ -162,6 +161,15 @@ def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
         return CLIPTextModel(preset.text)
 
 
+def _meta_model(component: str, preset: FamilyPreset, where: Path) -> nn.Module:
+    """_empty_model, with sizes too large even to describe (beyond int64) reported against the config file."""
+    try:
+        return _empty_model(component, preset)
+    except (RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"{where}: the config's sizes cannot be built ({' '.join(str(e).split())[:160]})") \
+            from None
+
+
 def _expected(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -225,56 +233,6 @@ def _single_file(path: Path, family: str | FamilyPreset | None, dtype: torch.dty
                       _scheduler(preset.scheduler), preset, path)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a diffusers folder needs it)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not a config (JSON nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a JSON object expected, got a {type(data).__name__}")
-    return data
-
-
-def _read_config(path: Path, reader: Callable[[dict[str, Any]], Any]) -> Any:
-    """A component config from its config.json; a bad value raises CheckpointError naming the file."""
-    try:
-        return reader(_read_json(path))
-    except (ValueError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-# Where a config's counts show in the weights' keys: component -> [(field, key pattern whose group is an index)].
-# Checked before a model is built, so that a config asking for 10^9 layers is refused at once.
-_COUNTED = {
-    "unet": [("block_out_channels", r"down_blocks\.(\d+)\."), ("layers_per_block", r"down_blocks\.0\.resnets\.(\d+)\.")],
-    "vae": [("block_out_channels", r"encoder\.down_blocks\.(\d+)\."),
-            ("layers_per_block", r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")],
-    "text_encoder": [("num_hidden_layers", r"encoder\.layers\.(\d+)\.")],
-}
-
-
-def check_counts(component: str, config: Any, source: Source, where: Path) -> None:
-    """The level and layer counts of `config` against the keys of its weights (CheckpointError if they differ).
-
-    Sizes (widths, vocabulary, positions) are then checked by `verify` against a model built on the meta device,
-    before any memory is allocated for it."""
-    keys = source.keys()
-    for name, pattern in _COUNTED[component]:
-        value = getattr(config, name)
-        wanted = len(value) if isinstance(value, tuple) else value
-        found = {int(m.group(1)) for k in keys if (m := re.match(rf"(?:text_model\.)?{pattern}", k))}
-        if wanted != len(found):
-            raise CheckpointError(f"{where}: config {name} = {value!r:.80} means {wanted:,} "
-                                  f"{'levels' if isinstance(value, tuple) else 'layers'}, the weights "
-                                  f"{source.path} hold {len(found)}")
-
-
 def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool) -> Source:
     """The weights of one component folder: `<stem>[.<variant>].safetensors`, sharded or not.
 
@@ -300,7 +258,7 @@ def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool
     first = found[0]
     if first.suffix == ".safetensors":
         return SafetensorsFile(first)
-    shards = sorted(set(_read_json(first).get("weight_map", {}).values()))
+    shards = sorted(set(read_json(first).get("weight_map", {}).values()))
     if not shards:
         raise CheckpointError(f"{first}: an index without a weight_map")
     return ShardedSource([SafetensorsFile(sub / s) for s in shards], first)
@@ -342,11 +300,11 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no {part}/ subfolder)")
-    unet_cfg = _read_config(folder / "unet" / "config.json", UNetConfig.from_diffusers)
-    vae_cfg = _read_config(folder / "vae" / "config.json", VAEConfig.from_diffusers)
-    text_cfg = _read_config(folder / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
+    unet_cfg = read_config(folder / "unet" / "config.json", UNetConfig.from_diffusers)
+    vae_cfg = read_config(folder / "vae" / "config.json", VAEConfig.from_diffusers)
+    text_cfg = read_config(folder / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    sched_cfg = _read_json(sched_path)
+    sched_cfg = read_json(sched_path)
     scheduler = _scheduler(sched_cfg, sched_path)  # a bad scheduler config is found before any weights are read
     tokenizer = _tokenizer_dir(folder / "tokenizer")
     name = _folder_family(folder, unet_cfg, text_cfg, sched_cfg, family)
@@ -364,7 +322,7 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
         sub, stem = FOLDER_WEIGHTS[c]
         sources[c] = folder_weights(folder / sub, stem, variant, allow_pickle)
         check_counts(c, configs[c], sources[c], folder / sub / "config.json")
-    models = {c: _empty_model(c, preset) for c in wanted}
+    models = {c: _meta_model(c, preset, folder / FOLDER_WEIGHTS[c][0] / "config.json") for c in wanted}
     rules: dict[str, list[Rule]] = {}
     for c, model in models.items():  # verify every component before filling any
         rules[c] = folder_rules(c, _expected(model), sources[c])
@@ -396,7 +354,7 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
     path = Path(path)
     if path.is_dir():
         sub = path / "vae" if (path / "vae").is_dir() else path
-        cfg = _read_config(sub / "config.json", VAEConfig.from_diffusers)
+        cfg = read_config(sub / "config.json", VAEConfig.from_diffusers)
         source = folder_weights(sub, "diffusion_pytorch_model", None, allow_pickle)
         check_counts("vae", cfg, source, sub / "config.json")
         diffusers_layout = True
