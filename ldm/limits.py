@@ -5,20 +5,24 @@ needs are estimated from the model configs alone, by the arithmetic below, and c
 the device. What cannot fit is refused with the figures (`MemoryLimitError`, a ValueError); the `ldm generate`
 command instead splits `--num-images` into batches that fit.
 
-The estimate is an upper bound on the activations (the weights are already loaded and not counted): it assumes
-attention builds its whole score matrix (the "math" kernel; SDPA often needs less) and counts every skip tensor
-the UNet keeps. In elements, for N = batch (x2 with classifier-free guidance), latent size h x w (L = h * w at
-UNet level 0, L_l = L / 4^l), widths C_l, heads nh_l and query chunk q_l = min(L_l, attention chunk):
+The estimate is meant as an upper bound on the activations (the weights are already loaded and not counted; the
+measured figures are in docs/reliability.md). It counts every skip tensor the UNet keeps and, with the "math"
+attention kernel, fp32-upcast layers or training, the whole score matrix; SDPA's fused kernels hold a block of
+FUSED_BLOCK query rows. In elements, for N = batch (x2 with classifier-free guidance), latent size h x w (L = h * w
+at UNet level 0, L_l = L / 4^l), widths C_l, heads nh_l and query rows q_l (the attention chunk, all of L_l for
+"math", FUSED_BLOCK for SDPA):
 
     UNet   N * (sum_l (layers + 1) * C_l * L_l          skips kept for the up path
-                + 12 * max_l C_l * L_l                    one block's working tensors (norm, q/k/v, GEGLU)
+                + 16 * max_l (C_l + C_l+1) * L_l          one block's working tensors (skip concatenated)
                 + 2 * max_l nh_l * q_l * L_l)             scores and probabilities of the widest attention
-    VAE    B * (6 * max_k C_k * H_k * W_k + 2 * L_t^2)    decoder levels at image size (or one tile), mid attention
-    output B * 3 * H * W * 3                              float images, their numpy copy, the uint8 pictures
+    VAE    B * (8 * max_k C'_k * H_k * W_k + 2 * q * L_t) decoder levels (C'_k: the wider of the level and the one
+                                                          before it) at image size or one tile; mid attention
+    output B * 3 * H * W * 9 + 64 MiB                     float images, their numpy copy, the uint8 pictures; and
+                                                          a fixed allowance for kernels' scratch and the allocator
 
 times the bytes of the dtype; the total is max(UNet, VAE) + latents + outputs. Training keeps every activation for
-the backward pass: the UNet term counts all levels' tensors instead of the largest, times 3 (activations,
-gradients, the optimizer's transient), per sample.
+the backward pass: all levels' tensors (24 per block, down and up) and every attention's scores, times 3
+(activations, gradients, the optimizer's transient), per sample; see `training_estimate`.
 
 Free memory: on CUDA `torch.cuda.mem_get_info` plus what torch's allocator holds free; on the CPU `MemAvailable`
 of /proc/meminfo, capped by the cgroup limit. `LDM_MEMORY_LIMIT` (e.g. `8GiB`, `500M`, bytes) caps it further.
@@ -120,6 +124,7 @@ def _levels(cfg: Any, h: int, w: int) -> list[tuple[int, int, int, bool]]:
     return out
 
 
+OVERHEAD = 64 * 1024**2  # kernels' scratch, the text encoder's pass, the allocator's slack (measured, see docs)
 FUSED_BLOCK = 256  # query rows we count for SDPA's fused kernels, which never hold the whole score matrix
 
 
@@ -134,12 +139,14 @@ def unet_elements(cfg: Any, h: int, w: int, chunk: int | None = None, training: 
     levels = _levels(cfg, h, w)
     sizes = [c * n for c, n, _, _ in levels]
     skips = sum((cfg.layers_per_block + 1) * s for s in sizes)
+    # the up path's blocks take the skip concatenated to the level's own width
+    widest = max((c + levels[min(l + 1, len(levels) - 1)][0]) * n for l, (c, n, _, _) in enumerate(levels))
     full = full_scores or training or cfg.upcast_attention  # fp32-upcast layers and backward use the math path
     scores = [nh * _rows(n, chunk, full) * n for _, n, nh, attn in levels if attn]
     if training:  # everything is kept for the backward pass, down and up, plus each level's attention scores
         kept = 2 * (cfg.layers_per_block + 1) * 24 * sum(sizes)  # every block's tensors, down and up
         return 3 * (kept + 2 * (2 * cfg.layers_per_block + 1) * sum(scores))
-    return skips + 12 * max(sizes) + 2 * max(scores, default=0)
+    return skips + 16 * widest + 2 * max(scores, default=0)
 
 
 def vae_elements(cfg: Any, height: int, width: int, chunk: int | None = None, training: bool = False,
@@ -147,12 +154,14 @@ def vae_elements(cfg: Any, height: int, width: int, chunk: int | None = None, tr
     """Activation elements of one image through the VAE decoder (or encoder) at height x width pixels."""
     f = cfg.downsample_factor
     widths = list(reversed(cfg.block_out_channels))  # decoder: the widest channels at the smallest size
-    sizes = [c * math.ceil(height * 2**k / f) * math.ceil(width * 2**k / f) for k, c in enumerate(widths)]
+    # a level's first tensors (the upsampled input, the first ResNet) still have the previous level's width
+    sizes = [max(c, widths[max(k - 1, 0)]) * math.ceil(height * 2**k / f) * math.ceil(width * 2**k / f)
+             for k, c in enumerate(widths)]
     lat = math.ceil(height / f) * math.ceil(width / f)
-    scores = _rows(lat, chunk, full_scores or training) * lat
+    scores = _rows(lat, chunk, full_scores or training) * lat if cfg.mid_block_add_attention else 0
     if training:
         return 3 * (2 * (cfg.layers_per_block + 1) * 8 * sum(sizes) + 2 * scores)
-    return 6 * max(sizes) + 2 * scores
+    return 8 * max(sizes) + 2 * scores
 
 
 def generation_estimate(unet_cfg: Any, vae_cfg: Any, height: int, width: int, batch: int, guided: bool,
@@ -166,10 +175,10 @@ def generation_estimate(unet_cfg: Any, vae_cfg: Any, height: int, width: int, ba
     n = batch * (2 if guided else 1)
     unet = n * unet_elements(unet_cfg, h, w, chunk, full_scores=not fused) * itemsize
     th, tw = (height, width) if vae_tile is None else (min(height, vae_tile), min(width, vae_tile))
-    vae = batch * vae_elements(vae_cfg, th, tw, chunk, full_scores=not fused) * max(itemsize, 4)  # fp32 retry
+    vae = batch * vae_elements(vae_cfg, th, tw, chunk, full_scores=not fused) * itemsize
     latents = 4 * n * unet_cfg.in_channels * h * w * 4
     outputs = batch * 3 * height * width * (4 + 4 + 1)
-    return Estimate(unet, vae, latents + outputs)
+    return Estimate(unet, vae, latents + outputs + OVERHEAD)
 
 
 def check_fits(needed: int, device: Any, what: str) -> None:
