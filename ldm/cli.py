@@ -4,11 +4,14 @@ Without --model it uses the small shapes model packaged with ldm (ldm/data/shape
 --out it names the file after the prompt in the current folder ("a green triangle" -> a-green-triangle.png, then
 a-green-triangle-1.png, ... so an automatic name never replaces a file).
 
-Everything the command can check before loading a model (sizes, counts, the output files, the init image and
-mask, the model path) is checked first, so a mistake costs no model load and writes nothing. Errors print one line
-`ldm generate: error: ...` and exit with status 2 (argparse's own usage errors are 2 as well). Images are PNGs with
-the generation parameters in an A1111-style `parameters` text chunk, written atomically; an existing file is never
-replaced without `--overwrite`. `--num-images N` writes N numbered files, image i with seed S + i.
+Everything the command can check before loading a model (sizes, counts, finite numbers, UTF-8 prompts, a
+writable output folder, the init image and mask, the model path) is checked first, so a mistake costs no model load
+and writes nothing; after the load, the memory the request needs is estimated (ldm/limits.py) and refused with the
+figures if it cannot fit. Errors print one line `ldm generate: error: ...` and exit with status 2 (argparse's own
+usage errors are 2 as well), Ctrl-C exits with 130; no traceback unless --debug or LDM_DEBUG=1 asks
+(docs/reliability.md). Images are PNGs with the generation parameters in an A1111-style `parameters` text chunk,
+written atomically with the umask's permissions; an existing file is never replaced without `--overwrite`.
+`--num-images N` writes N numbered files, image i with seed S + i, in batches that fit in memory.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms", "PND
                     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
                     "DPMSolverMultistepScheduler": "dpm++2m"}
 DTYPES = ("fp32", "bf16", "fp16")
+MAX_THREADS = 1024  # more would only spawn idle threads (and can exhaust the process's thread limit)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    g.add_argument("--num-images", type=int, default=1, help="images to generate, in one batch")
+    g.add_argument("--num-images", type=int, default=1, help="images to generate (in as few batches as memory allows)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, fp32 on cpu")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -214,7 +218,7 @@ def _images_per_batch(pipe: Any, args: argparse.Namespace) -> int:
     from ldm.limits import MemoryLimitError, check_generation, images_per_batch
 
     if args.init_image is not None:
-        width, height = image_size(args.init_image)
+        width, height = _image_size(args.init_image)
     else:
         height = args.height or pipe.family.native_size
         width = args.width or pipe.family.native_size
@@ -328,6 +332,13 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
         raise UsageError(f"--attention-maps: {str(maps)!r} is a file, not a folder")
     if maps is not None and maps.is_dir() and any(maps.iterdir()) and not args.overwrite:
         raise UsageError(f"--attention-maps: folder {str(maps)!r} is not empty; use --overwrite to write into it")
+    if maps is not None and (maps.is_dir() or maps.parent.is_dir()):
+        try:
+            check_writable(maps if maps.is_dir() else maps.parent, "--attention-maps")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.threads is not None and args.threads > MAX_THREADS:
+        raise UsageError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
     return _check_outputs(args)
 
 
@@ -426,7 +437,7 @@ def _check_utf8(flag: str, text: str | None) -> None:
                          f"terminal's encoding") from None
 
 
-def image_size(path: str) -> tuple[int, int]:
+def _image_size(path: str) -> tuple[int, int]:
     """(width, height) of an image file, from its header."""
     from PIL import Image
 

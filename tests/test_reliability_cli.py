@@ -55,8 +55,9 @@ def one_error_line(capsys, command: str) -> str:
     (["--guidance", "nan"], "--guidance must be >= 0 and finite, got nan"),
     (["--eta", "inf"], "--eta must be >= 0 and finite"),
     (["--strength", "nan", "--init-image", "x.png"], "--strength must be in (0, 1]"),
+    (["--threads", "100000"], "--threads must be at most 1024"),
 ])
-def test_non_finite_arguments_exit_2(tmp_path, capsys, extra, message):
+def test_non_finite_and_out_of_range_arguments_exit_2(tmp_path, capsys, extra, message):
     assert run_generate(tmp_path, "--out", str(tmp_path / "o.png"), *extra) == 2
     assert message in one_error_line(capsys, "generate")
     assert files(tmp_path) == []

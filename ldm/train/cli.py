@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
                                    ("batch_size", args.batch_size), ("seed", args.seed),
                                    ("checkpoint_every", args.checkpoint_every)) if v is not None}
     if args.threads is not None:
-        if args.threads < 1:
-            return _error(f"--threads must be a positive int, got {args.threads}")
+        if not 1 <= args.threads <= 1024:
+            return _error(f"--threads must be a positive int up to 1024, got {args.threads}")
         torch.set_num_threads(args.threads)
     created, code = not os.path.exists(args.out), None
     try:
