@@ -138,7 +138,7 @@ def test_estimate_follows_the_documented_arithmetic():
     e1 = limits.generation_estimate(ldm.SD15.unet, ldm.SD15.vae, 512, 512, 1, True, 4)
     e2 = limits.generation_estimate(ldm.SD15.unet, ldm.SD15.vae, 512, 512, 2, True, 4)
     scores = 2 * 2 * 8 * 4096 * 4096 * 4  # (x2 guidance) x (scores + probabilities) x heads x L^2 x fp32
-    assert scores < e1.unet < 1.2 * scores
+    assert scores < e1.unet < 1.5 * scores
     assert e2.unet == 2 * e1.unet and e2.vae == 2 * e1.vae
     fused = limits.generation_estimate(ldm.SD15.unet, ldm.SD15.vae, 512, 512, 1, True, 4, fused=True)
     assert fused.unet < e1.unet / 4
