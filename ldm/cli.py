@@ -4,17 +4,21 @@ Without --model it uses the small shapes model packaged with ldm (ldm/data/shape
 --out it names the file after the prompt in the current folder ("a green triangle" -> a-green-triangle.png, then
 a-green-triangle-1.png, ... so an automatic name never replaces a file).
 
-Everything the command can check before loading a model (sizes, counts, the output files, the init image and
-mask, the model path) is checked first, so a mistake costs no model load and writes nothing. Errors print one line
-`ldm generate: error: ...` and exit with status 2 (argparse's own usage errors are 2 as well). Images are PNGs with
-the generation parameters in an A1111-style `parameters` text chunk, written atomically; an existing file is never
-replaced without `--overwrite`. `--num-images N` writes N numbered files, image i with seed S + i.
+Everything the command can check before loading a model (sizes, counts, finite numbers, UTF-8 prompts, a
+writable output folder, the init image and mask, the model path) is checked first, so a mistake costs no model load
+and writes nothing; after the load, the memory the request needs is estimated (ldm/limits.py) and refused with the
+figures if it cannot fit. Errors print one line `ldm generate: error: ...` and exit with status 2 (argparse's own
+usage errors are 2 as well), Ctrl-C exits with 130; no traceback unless --debug or LDM_DEBUG=1 asks
+(docs/reliability.md). Images are PNGs with the generation parameters in an A1111-style `parameters` text chunk,
+written atomically with the umask's permissions; an existing file is never replaced without `--overwrite`.
+`--num-images N` writes N numbered files, image i with seed S + i, in batches that fit in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import secrets
@@ -26,10 +30,12 @@ from typing import Any
 from ldm import schedulers
 from ldm.config import FAMILIES
 from ldm.hub import SINGLE_FILE_SUFFIXES
+from ldm.fileio import check_writable
 from ldm.images import a1111_parameters, image_to_tensor, mask_to_tensor, model_hash, save_png
 
 SCHEDULERS = tuple(schedulers.SCHEDULERS)  # the names --scheduler takes
 DTYPES = ("fp32", "bf16", "fp16")
+MAX_THREADS = 1024  # more would only spawn idle threads (and can exhaust the process's thread limit)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -39,6 +45,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Stable Diffusion 1.x / 2.x from scratch in PyTorch.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = commands.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
                             description="Generate images and write them as PNGs with their generation parameters.")
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    g.add_argument("--num-images", type=int, default=1, help="images to generate, in one batch")
+    g.add_argument("--num-images", type=int, default=1, help="images to generate (in as few batches as memory allows)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, fp32 on cpu")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -84,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory where the full score matrix would be built, more kernel calls (e.g. 1024)")
     g.add_argument("--attention-maps", metavar="DIR", default=None,
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     g.set_defaults(run=generate)
 
     from ldm import summary  # the layer tables of `ldm inspect MODEL` live with their code in ldm/summary.py
@@ -91,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = commands.add_parser("inspect", help="layer tables of a model (a family preset needs no weights)",
                             description="Layer tables (name, input and output shapes, parameters) of each part.")
     summary.add_arguments(i)
+    i.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     i.set_defaults(run=summary.run)
 
     from ldm.train import cli as train_cli  # `ldm train`: its options and run live in ldm/train/cli.py
@@ -98,17 +107,48 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train a small latent diffusion model on captioned shapes (CPU)",
                             description="Train the VAE, then the UNet with a small CLIP, on the shapes dataset.")
     train_cli.add_arguments(t)
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     t.set_defaults(run=train_cli.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Any error is one line on stderr and exit status 2, Ctrl-C is exit status 130; --debug or
+    LDM_DEBUG=1 lets the exception through with its traceback (docs/reliability.md)."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("LDM_DEBUG", "") not in ("", "0")
     try:
         return args.run(args)
     except UsageError as e:
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nldm {args.command}: interrupted; every file written is complete, no partial file is left",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the promise: no traceback unless asked for
+        if debug:
+            raise
+        print(f"ldm {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        return 2
+
+
+DEBUG_HELP = "show the traceback of an error (also: environment variable LDM_DEBUG=1)"
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error: its message; for an OS error the file and the reason; for anything unexpected its
+    type and a pointer to --debug."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    if isinstance(e, MemoryError):
+        return f"out of memory ({_one_line(e)}); ask for less (smaller size, fewer images) or free memory"
+    if isinstance(e, (ValueError, TypeError, OSError)):
+        return _one_line(e)
+    return f"{type(e).__name__}: {_one_line(e)} (--debug or LDM_DEBUG=1 shows the traceback)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,12 +191,43 @@ def generate(args: argparse.Namespace) -> int:
                   scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, weighting=args.weighting,
                   output_type="pil")
     store = AttentionStore(keep=False, guided=args.guidance > 1) if args.attention_maps else None  # heatmap sums only
+    # The attention maps need every image in one batch; otherwise as many as fit in memory per batch.
+    per_batch = args.num_images if store else _images_per_batch(pipe, args)
+    written, stamp = 0, _stamp(args, pipe)
     try:
         with use_processor(pipe.unet, store) if store else contextlib.nullcontext():
-            result, size = _run(pipe, args, common)
+            for start in range(0, args.num_images, per_batch):  # image i keeps seed S + i whatever the batches
+                common.update(seed=seed + start, num_images_per_prompt=min(per_batch, args.num_images - start))
+                result, size = _run(pipe, args, common)
+                written += _write_images(args, stamp, outputs[start:], result, size)
     except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)
-        raise UsageError(_one_line(e)) from None
+        done = f" ({written} of {args.num_images} images were written)" if written else ""
+        raise UsageError(_one_line(e) + done) from None
+    if store is not None:
+        for path in save_attention_maps(store, pipe.tokenizer, args.prompt, result.images, args.attention_maps,
+                                        weighting=args.weighting):
+            print(path)
+    return 0
 
+
+def _images_per_batch(pipe: Any, args: argparse.Namespace) -> int:
+    """How many images one batch may hold in the free memory; a UsageError with the figures if not even one."""
+    from ldm.limits import MemoryLimitError, check_generation, images_per_batch
+
+    if args.init_image is not None:
+        width, height = _image_size(args.init_image)
+    else:
+        height = args.height or pipe.native_size
+        width = args.width or pipe.native_size
+    try:
+        check_generation(pipe, height, width, 1, args.guidance > 1)
+    except MemoryLimitError as e:
+        raise UsageError(str(e)) from None
+    return images_per_batch(pipe, height, width, args.num_images, args.guidance > 1)
+
+
+def _stamp(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """The generation parameters every PNG of the run records (the model hash is computed once)."""
     sampler = args.scheduler or schedulers.name_of(pipe.scheduler)
     extra: dict[str, Any] = {}
     if args.init_image is not None:
@@ -165,22 +236,26 @@ def generate(args: argparse.Namespace) -> int:
         extra["Clip skip"] = args.clip_skip
     if args.eta:
         extra["Eta"] = args.eta
-    name, digest = _model_name(args.model), model_hash(args.model)
+    return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
+                guidance_scale=args.guidance, model_name=_model_name(args.model), model_hash=model_hash(args.model),
+                extra=extra)
+
+
+def _write_images(args: argparse.Namespace, stamp: dict[str, Any], outputs: list[Path], result: Any,
+                  size: tuple[int, int]) -> int:
+    """Write one batch's PNGs with their parameters; returns how many. A failed write (a full disk) removes its
+    temporary file and raises a UsageError naming the file; the images already written stay, each complete."""
     for path, image, image_seed in zip(outputs, result.images, result.seeds):
-        text = a1111_parameters(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                                sampler=sampler, guidance_scale=args.guidance, seed=image_seed, width=size[0],
-                                height=size[1], model_name=name, model_hash=digest, extra=extra)
+        text = a1111_parameters(args.prompt, seed=image_seed, width=size[0], height=size[1], **stamp)
         try:
             save_png(image, path, parameters=text, overwrite=args.overwrite)
         except FileExistsError:
             raise UsageError(f"output {str(path)!r} appeared while generating; not overwritten (use --overwrite)") \
                 from None
+        except OSError as e:
+            raise UsageError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
         print(path)
-    if store is not None:
-        for path in save_attention_maps(store, pipe.tokenizer, args.prompt, result.images, args.attention_maps,
-                                        weighting=args.weighting):
-            print(path)
-    return 0
+    return len(result.images)
 
 
 def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[Any, tuple[int, int]]:
@@ -231,10 +306,11 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
                                  ("--attention-chunk", args.attention_chunk, 1)):
         if value is not None and value < minimum:
             raise UsageError(f"{flag} must be >= {minimum}, got {value}")
-    if not args.guidance >= 0:
-        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
-    if not args.eta >= 0:
-        raise UsageError(f"--eta must be >= 0, got {args.eta}")
+    for flag, value in (("--guidance", args.guidance), ("--eta", args.eta)):
+        if not 0 <= value < math.inf:
+            raise UsageError(f"{flag} must be >= 0 and finite, got {value}")
+    for flag, text in (("prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        _check_utf8(flag, text)
     if args.seed is not None and not 0 <= args.seed < 2**63 - args.num_images:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.strength is not None:
@@ -253,6 +329,13 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
         raise UsageError(f"--attention-maps: {str(maps)!r} is a file, not a folder")
     if maps is not None and maps.is_dir() and any(maps.iterdir()) and not args.overwrite:
         raise UsageError(f"--attention-maps: folder {str(maps)!r} is not empty; use --overwrite to write into it")
+    if maps is not None and (maps.is_dir() or maps.parent.is_dir()):
+        try:
+            check_writable(maps if maps.is_dir() else maps.parent, "--attention-maps")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.threads is not None and args.threads > MAX_THREADS:
+        raise UsageError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
     return _check_outputs(args)
 
 
@@ -301,8 +384,10 @@ def _check_outputs(args: argparse.Namespace) -> list[Path]:
     folder = out.parent
     if not folder.is_dir():
         raise UsageError(f"--out: folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"--out: folder {str(folder)!r} is not writable")
+    try:
+        check_writable(folder, "--out")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for path in paths:
         if path.is_dir():
             raise UsageError(f"--out: {str(path)!r} is a folder")
@@ -336,6 +421,25 @@ def _model_name(model: str) -> str:
     if path.is_dir():
         return path.resolve().name
     return model  # a hub id
+
+
+def _check_utf8(flag: str, text: str | None) -> None:
+    """A prompt the shell handed over with bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{flag} is not valid UTF-8 text (character {e.start}: {text[e.start]!r}); check the "
+                         f"terminal's encoding") from None
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
 
 
 def _one_line(e: BaseException) -> str:

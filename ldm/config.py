@@ -10,7 +10,8 @@ the comment says so. Derive variants with `dataclasses.replace`, never by mutati
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -23,6 +24,8 @@ def _read(d: dict[str, Any], owner: str, accepted: set[str], fixed: dict[str, An
     accepted: every key the reference class accepts. fixed: keys whose value must equal the given default because
     we implement only that (a non-default value is a feature we do not have).
     """
+    if not isinstance(d, dict):
+        raise ValueError(f"{owner}: a config must be a JSON object (a dict), got {type(d).__name__}")
     out = {}
     for key, value in d.items():
         if key.startswith("_"):
@@ -42,6 +45,45 @@ def _read(d: dict[str, Any], owner: str, accepted: set[str], fixed: dict[str, An
 
 def _normalise(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The field types of the configs below -> (the check, what the message says). Tuples may arrive as JSON lists.
+_TYPES = {
+    "int": (_is_int, "an int"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int | None": (lambda v: v is None or _is_int(v), "an int or null"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (tuple, list)) and all(map(_is_int, v)), "a list of ints"),
+    "tuple[bool, ...]": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, bool) for x in v),
+                         "a list of true/false"),
+}
+
+
+def _check_types(config: Any, owner: str, **also: str) -> None:
+    """Every field of a config has its annotated type (a str where a float belongs is an error here, not a
+    TypeError in the middle of a run). `also`: field -> another accepted type (num_heads may be one int)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kinds = [str(f.type)] + ([also[f.name]] if f.name in also else [])
+        if not any(_TYPES[k][0](value) for k in kinds):
+            raise ValueError(f"{owner}: {f.name} must be {' or '.join(_TYPES[k][1] for k in kinds)}, "
+                             f"got {value!r:.80}")
+
+
+def _lists(owner: str, kw: dict[str, Any], *names: str) -> None:
+    """Keys whose value must be a JSON list, checked before anything takes their length."""
+    for name in names:
+        if name in kw and not isinstance(kw[name], (list, tuple)):
+            raise ValueError(f"{owner}: {name} must be a list, got {kw[name]!r:.80}")
 
 
 def _positive(owner: str, **values: int) -> None:
@@ -73,7 +115,10 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         owner = "VAEConfig"
+        _check_types(self, owner)
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        if not self.scaling_factor > 0:
+            raise ValueError(f"{owner}: scaling_factor must be > 0, got {self.scaling_factor!r}")
         _positive(owner, in_channels=self.in_channels, out_channels=self.out_channels,
                   latent_channels=self.latent_channels, layers_per_block=self.layers_per_block,
                   norm_num_groups=self.norm_num_groups)
@@ -97,6 +142,7 @@ class VAEConfig:
         accepted = {f for f in cls.__dataclass_fields__} | {"down_block_types", "up_block_types"}
         fixed = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None}
         kw = _read(d, owner, accepted, fixed)
+        _lists(owner, kw, "block_out_channels", "down_block_types", "up_block_types")
         n = len(kw.get("block_out_channels", (64,)))  # diffusers' default is one level of 64
         for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = tuple(kw.pop(key, (block,)))
@@ -152,6 +198,9 @@ class CLIPTextConfig:
 
     def __post_init__(self) -> None:
         owner = "CLIPTextConfig"
+        _check_types(self, owner)
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"{owner}: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
         _positive(owner, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                   intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
                   num_attention_heads=self.num_attention_heads, max_position_embeddings=self.max_position_embeddings)
@@ -222,6 +271,10 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         owner = "UNetConfig"
+        _check_types(self, owner, num_heads="int")
+        if not self.norm_eps > 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"{owner}: norm_eps must be > 0 and dropout in [0, 1), got {self.norm_eps!r} and "
+                             f"{self.dropout!r}")
         levels = len(self.block_out_channels)
         heads = self.num_heads
         heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
@@ -270,6 +323,7 @@ class UNetConfig:
                     "norm_eps", "dropout", "sample_size", "down_block_types", "up_block_types",
                     "attention_head_dim", "num_attention_heads"}
         kw = _read(d, owner, accepted, _UNET_FIXED)
+        _lists(owner, kw, "block_out_channels", "down_block_types", "up_block_types")
         # diffusers' defaults where they differ from ours
         widths = tuple(kw.pop("block_out_channels", (320, 640, 1280, 1280)))
         kw.setdefault("cross_attention_dim", 1280)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
+
+from ldm.fileio import plain_file_mode
 
 ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray, Tensor]
 
@@ -54,10 +57,15 @@ def open_image(image: ImageInput, what: str = "image") -> Image.Image | np.ndarr
         if not path.is_file():
             raise ValueError(f"{what}: no such file {str(path)!r}")
         try:
-            with Image.open(path) as img:
-                img.load()
-                return img.copy()
-        except (UnidentifiedImageError, OSError) as e:
+            with warnings.catch_warnings():  # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img.load()
+                    return img.copy()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{what}: {str(path)!r} is too large to open safely (a decompression bomb? {e}; "
+                             f"Pillow's limit is {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"{what}: cannot read {str(path)!r} as an image ({e})") from None
     if not isinstance(image, (Image.Image, np.ndarray, Tensor)):
         raise TypeError(f"{what} must be a PIL image, a path, a uint8 array or a tensor, got {type(image).__name__}")
@@ -234,9 +242,10 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, parameters: str | N
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
-        info.add_text("parameters", parameters)
+        _add_parameters(info, parameters)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, plain_file_mode())  # mkstemp's 0600 -> what the umask gives a plainly written file
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
             f.flush()
@@ -250,6 +259,20 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, parameters: str | N
             os.unlink(tmp)
         raise
     return path
+
+
+def _add_parameters(info: PngImagePlugin.PngInfo, text: str) -> None:
+    """A tEXt chunk where the PNG format allows one (Latin-1, no NUL: what A1111 writes), else an iTXt chunk (UTF-8,
+    which carries any character; Pillow, A1111 and ComfyUI read both into `info["parameters"]`)."""
+    try:
+        text.encode("latin-1")
+        plain = "\0" not in text
+    except UnicodeEncodeError:
+        plain = False
+    if plain:
+        info.add_text("parameters", text)
+    else:
+        info.add_itxt("parameters", text)
 
 
 def _move_no_clobber(tmp: str, path: Path) -> None:

@@ -21,6 +21,7 @@ S text tokens (77), D text width.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from ldm import schedulers
 from ldm.attention import set_attention_chunk
 from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
+from ldm.limits import check_generation
 from ldm.optimize import PromptCache
 from ldm.prompts import encode_prompt as encode_weighted
 from ldm.prompts import encode_prompt_pair
@@ -195,6 +197,7 @@ class StableDiffusionPipeline:
                             guidance_scale=guidance_scale, seed=seed, generator=generator,
                             num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
                             callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
+        check_generation(self, height, width, run.batch, run.guided)  # refuse what cannot fit, before the work
         shape = (run.batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         latents = randn(shape, run.generator, self.device, run.context.dtype) * run.scheduler.init_noise_sigma
@@ -222,6 +225,7 @@ class StableDiffusionPipeline:
                             guidance_scale=guidance_scale, seed=seed, generator=generator,
                             num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
                             callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
+        check_generation(self, pixels.shape[-2], pixels.shape[-1], run.batch, run.guided)
         # the last int(steps * strength) steps (diffusers' get_timesteps; the scheduler's begin index is set)
         timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
         image_latents = self._encode_image_img2img(pixels, run)  # (B, C, h, w)
@@ -259,6 +263,7 @@ class StableDiffusionPipeline:
                             guidance_scale=guidance_scale, seed=seed, generator=generator,
                             num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
                             callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
+        check_generation(self, pixels.shape[-2], pixels.shape[-1], run.batch, run.guided)
         timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
         pixels, mask = pixels.to(self.device, self.dtype), mask.to(self.device, self.dtype)
         f, B, full = self.vae_scale_factor, run.batch, strength == 1.0
@@ -349,10 +354,11 @@ class StableDiffusionPipeline:
             raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
         _check_int(steps, "num_inference_steps", 1)
         _check_int(n_per_prompt, "num_images_per_prompt", 1)
-        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-        if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or eta < 0:
-            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) \
+                or not 0 <= guidance_scale < math.inf:
+            raise ValueError(f"guidance_scale must be a number >= 0 and finite, got {guidance_scale!r}")
+        if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not 0 <= eta < math.inf:
+            raise ValueError(f"eta must be a number >= 0 and finite, got {eta!r}")
         if clip_skip is not None:
             _check_int(clip_skip, "clip_skip", 1)
         if output_type not in OUTPUT_TYPES:
@@ -445,9 +451,12 @@ class StableDiffusionPipeline:
     # Running and decoding
 
     def _output(self, latents: Tensor, steps_run: int, seeds: list[int] | None, output_type: str) -> PipelineOutput:
+        _check_finite(latents, "the latents after denoising")
         if output_type == "latent":
             return PipelineOutput(latents, latents, seeds, steps_run)
-        images = to_numpy(self.decode(latents))  # (B, H, W, 3) in [0, 1]
+        decoded = self.decode(latents)  # (B, 3, H, W)
+        _check_finite(decoded, "the decoded images")
+        images = to_numpy(decoded)  # (B, H, W, 3) in [0, 1]
         return PipelineOutput(to_pil(images) if output_type == "pil" else images, latents, seeds, steps_run)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -504,6 +513,13 @@ def _prompts(prompt: str | list[str], name: str) -> list[str]:
 def _check_int(value: Any, name: str, minimum: int) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    """Non-finite latents or pixels would become a black picture: an error instead (after decode's fp32 retry)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} hold NaN or inf values: the model's weights are not finite, or the numbers "
+                         f"overflowed (a huge guidance scale, fp16); nothing was written")
 
 
 def _check_strength(strength: float) -> None:

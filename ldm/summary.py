@@ -45,6 +45,7 @@ from ldm.config import FAMILIES, FamilyPreset
 COMPONENTS = ("text_encoder", "unet", "vae")  # the order of the data path: prompt -> context -> latents -> pixels
 TIMESTEP = 999  # the UNet's example timestep (any value gives the same shapes)
 DEFAULT_DEPTHS = {"text_encoder": 3, "unet": 3, "vae": 4}  # the depths of the posts' tables (see the docstring)
+MAX_SIZE = 65536  # the largest image side a table is drawn for (a 1-head attention over it still fits int64)
 
 
 @dataclass
@@ -194,6 +195,8 @@ def example_inputs(component: str, preset: FamilyPreset, size: int, batch: int =
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % (f * preset.unet.downsample_factor):
         raise ValueError(f"size must be a positive multiple of {f * preset.unet.downsample_factor} pixels "
                          f"(VAE x UNet downsampling), got {size!r}")
+    if size > MAX_SIZE:  # the shapes are symbolic, but tensor sizes beyond int64 overflow even on the meta device
+        raise ValueError(f"size must be at most {MAX_SIZE:,} pixels, got {size:,}")
     S = preset.text.max_position_embeddings
     if component == "text_encoder":
         return (torch.zeros(batch, S, dtype=torch.long, device=device),)

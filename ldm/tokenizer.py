@@ -229,7 +229,7 @@ class CLIPTokenizer:
 
     def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """One prompt or a list -> LongTensor (B, model_max_length): BOS, at most 75 ids, EOS, then padding."""
-        texts = [prompts] if isinstance(prompts, str) else self._check_list(prompts)
+        texts = self._check_list([prompts] if isinstance(prompts, str) else prompts)
         n = self._model_max_length
         rows = []
         for encoding in self._tok.encode_batch(texts, add_special_tokens=False):
@@ -265,6 +265,11 @@ class CLIPTokenizer:
     def _check_text(text: Any, name: str) -> None:
         if not isinstance(text, str):
             raise TypeError(f"CLIPTokenizer: {name} must be a str, got {type(text).__name__}")
+        try:  # lone surrogates (undecodable bytes from a command line) are not text the tokenizer can take
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"CLIPTokenizer: {name} is not valid Unicode text (character {e.start}: "
+                             f"{text[e.start]!r})") from None
 
     def _check_list(self, prompts: Any) -> list[str]:
         if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):

@@ -5,12 +5,13 @@
     python -m weights_convert export SRC OUT_DIR [--family F] [--dtype fp16] [--variant fp16] [--ema] [--vae V]
     python -m weights_convert docs [--out docs/key_mapping.md]        the learners' page, block by block
 
-Errors print one line and exit with status 2.
+Errors print one line and exit with status 2 (Ctrl-C: 130); `--debug` or LDM_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -181,6 +182,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also LDM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("table", help="print the expanded mapping table of a family")
     p.add_argument("--family", default="sd15", choices=list(FAMILIES))
@@ -200,25 +202,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", help="a separate VAE file or folder to use instead of the checkpoint's")
     p.add_argument("--allow-pickle", action="store_true")
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("LDM_DEBUG", "") not in ("", "0")
     try:
-        if args.command == "table":
-            print(format_table(family_rules(args.family), args.markdown))
-        elif args.command == "docs":
-            args.out.write_text(render_doc())
-            print(f"wrote {args.out}")
-        elif args.command == "inspect":
-            print(inspect(args.path, args.allow_pickle))
-        else:
-            from weights_convert.export import export_diffusers
-            from weights_convert.load import load_components
+        return _run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\ninterrupted; no partial output is left", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, no traceback, unless asked for
+        if debug:
+            raise
+        from ldm.cli import describe_error
 
-            parts = load_components(args.source, dtype=None, family=args.family, vae=args.vae, ema=args.ema,
-                                    allow_pickle=args.allow_pickle)
-            out = export_diffusers(parts, args.out_dir, dtype=DTYPES.get(args.dtype), variant=args.variant)
-            print(f"wrote {out} ({parts.family.name})")
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command asked for (errors propagate to main)."""
+    if args.command == "table":
+        print(format_table(family_rules(args.family), args.markdown))
+    elif args.command == "docs":
+        args.out.write_text(render_doc())
+        print(f"wrote {args.out}")
+    elif args.command == "inspect":
+        print(inspect(args.path, args.allow_pickle))
+    else:
+        from ldm.fileio import check_writable
+        from weights_convert.export import export_diffusers
+        from weights_convert.load import load_components
+
+        if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
+            raise FileExistsError(f"{args.out_dir}: exists and is not an empty folder; export writes a fresh "
+                                  f"folder")
+        check_writable(args.out_dir.parent, "export")  # before the load: fail fast, write nothing
+        parts = load_components(args.source, dtype=None, family=args.family, vae=args.vae, ema=args.ema,
+                                allow_pickle=args.allow_pickle)
+        out = export_diffusers(parts, args.out_dir, dtype=DTYPES.get(args.dtype), variant=args.variant)
+        print(f"wrote {out} ({parts.family.name})")
     return 0
 
 

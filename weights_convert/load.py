@@ -16,7 +16,6 @@ then read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from ldm.config import family as preset_named
 from ldm.hub import PICKLE_SUFFIXES, WEIGHT_FILES
 
 from weights_convert.checkpoint import checkpoint_rules, detect_layout, resolve_family
+from weights_convert.configs import check_counts, read_config, read_json
 from weights_convert.convert import MAX_LISTED, DictSource, Source, tensors, verify
 from weights_convert.rules import Rule, drop
 from weights_convert.safetensors_file import CheckpointError, SafetensorsFile
@@ -149,6 +149,15 @@ def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
         return CLIPTextModel(preset.text)
 
 
+def _meta_model(component: str, preset: FamilyPreset, where: Path) -> nn.Module:
+    """_empty_model, with sizes too large even to describe (beyond int64) reported against the config file."""
+    try:
+        return _empty_model(component, preset)
+    except (RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"{where}: the config's sizes cannot be built ({' '.join(str(e).split())[:160]})") \
+            from None
+
+
 def _expected(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -169,15 +178,26 @@ def _fill(model: nn.Module, rules: list[Rule], source: Source, component: str, d
 # The three source kinds
 
 
-def _scheduler(config: dict[str, Any]) -> Any:
+MAX_TRAIN_TIMESTEPS = 100_000  # SD uses 1000; the schedules are arrays of this length
+
+
+def _scheduler(config: dict[str, Any], where: str | Path = "scheduler config") -> Any:
+    """The scheduler a config names, among ldm.schedulers' own classes only (never any other attribute)."""
     from ldm import schedulers
 
+    known = {c.__name__: c for c in schedulers.SCHEDULERS.values()}
     name = config.get("_class_name")
-    cls = getattr(schedulers, str(name), None)
-    if not isinstance(cls, type):
-        raise CheckpointError(f"scheduler class {name!r} is not implemented; ldm.schedulers has "
-                              f"{', '.join(c.__name__ for c in schedulers.SCHEDULERS.values())}")
-    return cls.from_config(config)
+    if not isinstance(name, str) or name not in known:
+        raise CheckpointError(f"{where}: scheduler class {name!r:.80} is not implemented; ldm.schedulers has "
+                              f"{', '.join(known)}")
+    steps = config.get("num_train_timesteps", 1000)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise CheckpointError(f"{where}: num_train_timesteps must be an int in [1, {MAX_TRAIN_TIMESTEPS:,}], "
+                              f"got {steps!r:.80}")
+    try:
+        return known[name].from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong type or range
+        raise CheckpointError(f"{where}: {type(e).__name__}: {e}") from None
 
 
 def _tokenizer_packaged(preset: FamilyPreset) -> Any:
@@ -199,15 +219,6 @@ def _single_file(path: Path, family: str | FamilyPreset | None, dtype: torch.dty
     loaded = {c: _fill(m, rules, source, c, dtype, device) for c, m in models.items()}
     return Components(loaded["unet"], loaded.get("vae"), loaded["text_encoder"], _tokenizer_packaged(preset),
                       _scheduler(preset.scheduler), preset, path)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a diffusers folder needs it)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
 
 
 def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool) -> Source:
@@ -235,7 +246,7 @@ def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool
     first = found[0]
     if first.suffix == ".safetensors":
         return SafetensorsFile(first)
-    shards = sorted(set(_read_json(first).get("weight_map", {}).values()))
+    shards = sorted(set(read_json(first).get("weight_map", {}).values()))
     if not shards:
         raise CheckpointError(f"{first}: an index without a weight_map")
     return ShardedSource([SafetensorsFile(sub / s) for s in shards], first)
@@ -289,17 +300,18 @@ def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, schedul
 
 def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype | None, device: str | torch.device,
             variant: str | None, allow_pickle: bool, skip_vae: bool) -> Components:
-    from ldm.tokenizer import CLIPTokenizer
-
     if not any(folder.iterdir()):
         raise CheckpointError(f"{folder}: an empty folder (expected a diffusers model folder or a weights file)")
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no {part}/ subfolder)")
-    unet_cfg = UNetConfig.from_diffusers(_read_json(folder / "unet" / "config.json"))
-    vae_cfg = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
-    text_cfg = CLIPTextConfig.from_transformers(_read_json(folder / "text_encoder" / "config.json"))
-    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+    unet_cfg = read_config(folder / "unet" / "config.json", UNetConfig.from_diffusers)
+    vae_cfg = read_config(folder / "vae" / "config.json", VAEConfig.from_diffusers)
+    text_cfg = read_config(folder / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched_cfg = read_json(sched_path)
+    scheduler = _scheduler(sched_cfg, sched_path)  # a bad scheduler config is found before any weights are read
+    tokenizer = _tokenizer_dir(folder / "tokenizer")
     name = _folder_family(folder, unet_cfg, text_cfg, sched_cfg, family)
     # The default image size is diffusers' rule: the UNet's training latent size times the VAE's factor
     # (64 x 8 = 512 for SD 1.5, 96 x 8 = 768 for SD 2.1-v; 16 x 4 = 64 for the packaged shapes model).
@@ -308,16 +320,33 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg, native_size=native,
                      prediction_type=sched_cfg.get("prediction_type", "epsilon"),
                      scheduler_class=sched_cfg.get("_class_name", FAMILIES[name].scheduler_class))
-    models = {c: _empty_model(c, preset) for c in COMPONENTS if not (skip_vae and c == "vae")}
+    wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
+    configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg}
     sources: dict[str, Source] = {}
+    for c in wanted:  # the configs' counts against the files, before any model is built
+        sources[c] = folder_weights(folder / c, WEIGHT_FILES[c], variant, allow_pickle)
+        check_counts(c, configs[c], sources[c], folder / c / "config.json")
+    models = {c: _meta_model(c, preset, folder / c / "config.json") for c in wanted}
     rules: dict[str, list[Rule]] = {}
     for c, model in models.items():  # verify every component before filling any
-        sources[c] = folder_weights(folder / c, WEIGHT_FILES[c], variant, allow_pickle)
         rules[c] = folder_rules(c, _expected(model), sources[c])
         verify(rules[c], sources[c], {c: _expected(model)}, what=f"diffusers {c}")
     filled = {c: _fill(m, rules[c], sources[c], c, dtype, device) for c, m in models.items()}
-    return Components(filled["unet"], filled.get("vae"), filled["text_encoder"],
-                      CLIPTokenizer.from_dir(folder / "tokenizer"), _scheduler(sched_cfg), preset, folder)
+    return Components(filled["unet"], filled.get("vae"), filled["text_encoder"], tokenizer, scheduler, preset,
+                      folder)
+
+
+def _tokenizer_dir(folder: Path) -> Any:
+    """The folder's tokenizer; a damaged vocab.json / merges.txt / config raises CheckpointError naming it."""
+    from ldm.tokenizer import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_dir(folder)
+    except RecursionError:
+        raise CheckpointError(f"{folder}: a tokenizer file is nested too deeply to be JSON") from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for damaged files
+        raise CheckpointError(f"{folder}: cannot read the tokenizer ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
 
 
 def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
@@ -329,8 +358,9 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
     path = Path(path)
     if path.is_dir():
         sub = path / "vae" if (path / "vae").is_dir() else path
-        cfg = VAEConfig.from_diffusers(_read_json(sub / "config.json"))
+        cfg = read_config(sub / "config.json", VAEConfig.from_diffusers)
         source = folder_weights(sub, WEIGHT_FILES["vae"], None, allow_pickle)
+        check_counts("vae", cfg, source, sub / "config.json")
         diffusers_layout = True
     else:
         cfg = config or VAEConfig()

@@ -55,6 +55,13 @@ class TensorInfo:
         return n
 
 
+def _index(value: object) -> int:
+    """A shape entry or offset: a JSON integer >= 0 (not a float, a bool or a string of digits)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(value)
+    return value
+
+
 def _parse_header(path: Path, size: int, head: bytes) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Validate the header and return (tensors, metadata, data start)."""
     if size < 8:
@@ -66,16 +73,22 @@ def _parse_header(path: Path, size: int, head: bytes) -> tuple[dict[str, TensorI
         header = json.loads(head[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    except RecursionError:  # e.g. 100,000 nested '[': Python's parser gives up; a real header is two levels deep
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (a JSON object expected)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: '__metadata__' must be an object of strings "
+                              f"(str -> str), got {json.dumps(metadata)[:80]}")
     start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_index(s) for s in entry["shape"])
+            begin, end = (_index(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {entry!r}") from None
         info = TensorInfo(dtype, shape, start + begin, start + end)

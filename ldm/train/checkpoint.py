@@ -25,8 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ldm.fileio import plain_file_mode
+
 FORMAT = "ldm-train-checkpoint"
 VERSION = "1"
+# The metadata every checkpoint written by the Trainer carries, with its JSON type.
+REQUIRED_META = {"step": int, "stage": (str, type(None)), "config": dict, "scaling_factor": (int, float, type(None)),
+                 "ema_updates": dict, "losses": dict}
 
 
 class CheckpointFormatError(ValueError):
@@ -40,6 +45,7 @@ def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
     header = {"format": FORMAT, "version": VERSION, **{k: json.dumps(v) for k, v in meta.items()}}
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+        os.chmod(tmp, plain_file_mode())  # safetensors creates 0600; a checkpoint gets what the umask says
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,6 +81,14 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
         meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"checkpoint {str(path)!r}: damaged metadata ({e})") from None
+    for key, kind in REQUIRED_META.items():
+        if key not in meta:
+            raise CheckpointFormatError(f"checkpoint {str(path)!r}: incomplete metadata, no {key!r} (has "
+                                        f"{', '.join(sorted(meta)) or 'nothing'}); the file was not written by "
+                                        f"ldm train, or was edited")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise CheckpointFormatError(f"checkpoint {str(path)!r}: metadata {key!r} has the wrong type "
+                                        f"({type(meta[key]).__name__}: {meta[key]!r:.60})")
     return tensors, meta
 
 

@@ -3,14 +3,18 @@
     ldm train --out runs/shapes [--vae-steps N --unet-steps N --batch-size N --seed S --threads T]
     ldm train --out runs/shapes --resume runs/shapes/checkpoint.safetensors
 
-Errors (bad numbers, an --out that is a file, a corrupt or foreign --resume file) print one line and exit with
-status 2. Ctrl-C stops the run; the last complete checkpoint stays on disk and --resume continues from it.
+Errors (bad numbers, an --out that is a file or not writable, a corrupt or foreign --resume file, a batch that
+cannot fit in memory, a full disk) print one line and exit with status 2. Ctrl-C stops the run; the last complete
+checkpoint stays on disk and --resume continues from it. A run that fails before writing anything leaves no run
+folder behind (only folders it created itself, and only while they hold nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,15 +32,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ldm.train import TrainConfig, Trainer
-
     overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
                                    ("batch_size", args.batch_size), ("seed", args.seed),
                                    ("checkpoint_every", args.checkpoint_every)) if v is not None}
     if args.threads is not None:
-        if args.threads < 1:
-            return _error(f"--threads must be a positive int, got {args.threads}")
+        if not 1 <= args.threads <= 1024:
+            return _error(f"--threads must be a positive int up to 1024, got {args.threads}")
         torch.set_num_threads(args.threads)
+    created, code = not os.path.exists(args.out), None
+    try:
+        code = _train(args, overrides)
+        return code
+    finally:
+        if created and code != 0:  # a failed or refused run leaves no empty run folder
+            _remove_empty(Path(args.out))
+
+
+def _train(args: argparse.Namespace, overrides: dict[str, int]) -> int:
+    from ldm.train import TrainConfig, Trainer
+
     try:
         cfg = None if args.resume and not overrides else TrainConfig(out_dir=args.out, **overrides)
         trainer = Trainer(cfg, resume=args.resume, progress=args.progress)
@@ -51,8 +65,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.checkpoint_path} "
               f"(continue with --resume)", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a folder made read-only mid-run: the last complete checkpoint stays
+        last = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else "none was written"
+        return _error(f"cannot write {e.filename or trainer.out}: {e.strerror or e} at step {trainer.step}; the "
+                      f"last complete checkpoint: {last}")
     print(f"model written to {model}")
     return 0
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove `folder` and its subfolders where they hold no file (a run that wrote nothing leaves nothing)."""
+    if not folder.is_dir():
+        return
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _error(message: str) -> int:

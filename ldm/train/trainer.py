@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from ldm.clip import CLIPTextModel
 from ldm.config import SD15, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
+from ldm.fileio import check_writable
+from ldm.limits import check_fits, training_estimate
 from ldm.schedulers import DDIMScheduler
 from ldm.tokenizer import CLIPTokenizer
 from ldm.train.checkpoint import load_state, prefixed, save_state, unprefixed
@@ -223,7 +225,11 @@ class Trainer:
             raise TypeError(f"Trainer: cfg must be a TrainConfig, got {type(cfg).__name__}")
         state, meta = load_state(resume) if resume is not None else ({}, {})
         if resume is not None:
-            saved = TrainConfig.from_json(meta["config"])
+            try:
+                saved = TrainConfig.from_json(meta["config"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"resume: the checkpoint {str(resume)!r} holds a damaged config "
+                                 f"({type(e).__name__}: {e})") from None
             # Extending a run: more UNet steps than the checkpoint was written for is allowed. The cosine schedule
             # is then stretched over the new total from the resume point on (a warm restart), so the result is
             # not the model a run configured that long from the start would give.
@@ -237,6 +243,8 @@ class Trainer:
                                  f"(differs in: {', '.join(diff)}); resume with the same settings")
             cfg = cfg or saved
         self.cfg = cfg
+        check_fits(training_estimate(cfg), "cpu", f"training with batch_size {cfg.batch_size} and vae_batch_size "
+                                                   f"{cfg.vae_batch_size}")
         self.out = _prepare_out_dir(cfg.out_dir)
         self.callback, self.progress = callback, progress
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -486,10 +494,15 @@ class Trainer:
 
 
 def _prepare_out_dir(out_dir: str) -> Path:
+    """The run folder, created if need be and checked writable before any training (ValueError if not)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out_dir {out_dir!r} is a file, not a folder; choose a folder for the run")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir {out_dir!r}: cannot create the folder ({e.strerror or e})") from None
+    check_writable(out, "out_dir")
     return out
 
 
