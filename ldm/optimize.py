@@ -141,9 +141,9 @@ def compile_unet(unet: nn.Module, *, cuda_graphs: bool = False, mode: str | None
         unet.compiled_network = compiled
         return
 
-    def run_graph(sample: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def run_graph(sample: Tensor, t: Tensor, context: Tensor, *class_labels: Tensor) -> Tensor:
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(sample, t, context).clone()
+        return compiled(sample, t, context, *class_labels).clone()
 
     unet.compiled_network = run_graph
 

@@ -66,7 +66,8 @@ def test_every_reference_key_is_accepted():
 
 @pytest.mark.parametrize("reader, d, key", [
     (ldm.UNetConfig.from_diffusers, {"class_embed_type": "timestep"}, "class_embed_type"),
-    (ldm.UNetConfig.from_diffusers, {"only_cross_attention": True}, "only_cross_attention"),
+    (ldm.UNetConfig.from_diffusers, {"class_embeddings_concat": True}, "class_embeddings_concat"),
+    (ldm.UNetConfig.from_diffusers, {"only_cross_attention": [True, False]}, "only_cross_attention"),
     (ldm.UNetConfig.from_diffusers, {"down_block_types": ["DownBlock2D", "AttnDownBlock2D"]}, "down_block_types"),
     (ldm.UNetConfig.from_diffusers, {"up_block_types": ["UpBlock2D"] * 4}, "up_block_types"),
     (ldm.UNetConfig.from_diffusers, {"no_such_key": 1}, "no_such_key"),
