@@ -87,7 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory where the full score matrix would be built, more kernel calls (e.g. 1024)")
     g.add_argument("--attention-maps", metavar="DIR", default=None,
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
+    from ldm import upscale_cli  # `ldm upscale` and the --hires-* options live in ldm/upscale_cli.py
+
+    upscale_cli.add_hires_arguments(g)
     g.set_defaults(run=generate)
+
+    u = commands.add_parser("upscale", help="upscale a picture 4x with the SD x4 upscaler",
+                            description="Upscale a picture 4x (each side) with the SD x4 upscaler, guided by a prompt.")
+    upscale_cli.add_arguments(u)
+    u.set_defaults(run=upscale_cli.run)
 
     from ldm import inspect  # the layer tables of `ldm inspect MODEL` live with their code in ldm/inspect.py
 
@@ -125,16 +133,7 @@ def generate(args: argparse.Namespace) -> int:
     import ldm
     from ldm.research import AttentionStore, save_attention_maps, use_processor
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available")
-    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    if dtype_name == "fp16" and device == "cpu":
-        raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
+    device, dtype = device_and_dtype(args)
     try:
         pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
                                  allow_pickle=args.allow_pickle)
@@ -168,6 +167,10 @@ def generate(args: argparse.Namespace) -> int:
         extra["Clip skip"] = args.clip_skip
     if args.eta:
         extra["Eta"] = args.eta
+    if args.hires_scale is not None:
+        from ldm.upscale_cli import hires_fields
+
+        extra.update(hires_fields(args))
     name, digest = _model_name(args.model), model_hash(args.model)
     for path, image, image_seed in zip(outputs, result.images, result.seeds):
         text = a1111_parameters(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
@@ -190,6 +193,11 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
     """Run the right pipeline method under a progress bar. Returns the output and the (width, height)."""
     from tqdm import tqdm
 
+    if args.hires_scale is not None:
+        from ldm.upscale_cli import run_hires
+
+        return run_hires(pipe, args, common)
+
     steps = args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
     with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
         common["callback"] = lambda i, t, latents: bar.update(1)
@@ -200,6 +208,21 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
         else:
             result = pipe.inpaint(args.prompt, args.init_image, args.mask, strength=_strength(args), **common)
     return result, result.images[0].size
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
+    """--device / --dtype / --threads: the device name and torch dtype (UsageError where they cannot work)."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if dtype_name == "fp16" and device == "cpu":
+        raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
 
 
 def _optimize(pipe: Any, args: argparse.Namespace) -> None:
@@ -250,6 +273,9 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
     if args.init_image is not None and (args.height is not None or args.width is not None):
         raise UsageError("--height/--width do not apply with --init-image: the output has the image's size")
     _check_images(args)
+    from ldm.upscale_cli import check_hires_args
+
+    check_hires_args(args)
     _check_model(args)
     maps = None if args.attention_maps is None else Path(args.attention_maps)
     if maps is not None and maps.exists() and not maps.is_dir():
