@@ -420,3 +420,14 @@ def test_full_shape_x4_upscaler_matches_diffusers(x4_full, kw):
     assert out.images.shape == (1, 128, 128, 3)
     assert rel_err(out.latents, ref_latents) <= LATENT_TOL
     assert_images_close(out.images, ref_images)
+
+
+def test_low_res_schedule_equals_the_official_files_low_scale_model_buffers():
+    """Our rebuild of the input-noising schedule equals the `low_scale_model.alphas_cumprod` the single file
+    stores (and drops): the same augmentation as the original LatentUpscaleDiffusion."""
+    from ldm.upscale import LOW_RES_SCHEDULER, low_res_alphas_cumprod
+
+    stored = load_json(FIXTURES / "x4_upscaler_ldm_keys.json")["schedule_buffer_values_reference"]
+    want = torch.tensor(stored["low_scale_model.alphas_cumprod"], dtype=torch.float64)
+    for config in (LOW_RES_SCHEDULER, LOW_RES):
+        assert rel_err(low_res_alphas_cumprod(config), want) <= 1e-6
