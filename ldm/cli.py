@@ -139,6 +139,9 @@ def generate(args: argparse.Namespace) -> int:
                                  allow_pickle=args.allow_pickle)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
+    if pipe.family.name == "x4-upscaler":
+        raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
+                         f"--hires-model with another model)")
 
     if args.vae_tiling:
         pipe.enable_vae_tiling()

@@ -191,9 +191,10 @@ def test_generate_hires_writes_the_large_png_with_a1111_fields(tmp_path, x4_fold
     (["--hires-scale", "2", "--hires-steps", "0"], "--hires-steps must be >= 1"),
     (["--hires-scale", "2", "--hires-model", "nope/missing.safetensors"], "--hires-model: no such file"),
     (["--hires-scale", "2", "--hires-model", "SHAPES"], "not the x4 upscaler"),
+    (["--model", "X4"], "is the x4 upscaler: use `ldm upscale"),
 ])
-def test_generate_hires_bad_input_exits_2_and_writes_nothing(tmp_path, ldm_main, args, message):
-    args = [str(DEFAULT_MODEL_DIR) if a == "SHAPES" else a for a in args]
+def test_generate_hires_bad_input_exits_2_and_writes_nothing(tmp_path, ldm_main, x4_folder, args, message):
+    args = [{"SHAPES": str(DEFAULT_MODEL_DIR), "X4": str(x4_folder)}.get(a, a) for a in args]
     done = ldm_main("generate", "a red circle", "--out", str(tmp_path / "x.png"), "--steps", "1", *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert message in done.stderr, done.stderr
