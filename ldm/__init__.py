@@ -13,18 +13,19 @@ _EXPORTS = {
     # configs and presets
     "UNetConfig": "ldm.config", "VAEConfig": "ldm.config", "CLIPTextConfig": "ldm.config",
     "FamilyPreset": "ldm.config", "SD15": "ldm.config", "SD21_BASE": "ldm.config", "SD21_V": "ldm.config",
-    "SD15_INPAINT": "ldm.config", "SD2_INPAINT": "ldm.config", "FAMILIES": "ldm.config",
+    "SD15_INPAINT": "ldm.config", "SD2_INPAINT": "ldm.config", "X4_UPSCALER": "ldm.config",
+    "FAMILIES": "ldm.config",
     # models
     "UNet2DConditionModel": "ldm.unet", "AutoencoderKL": "ldm.vae", "CLIPTextModel": "ldm.clip",
     "CLIPTokenizer": "ldm.tokenizer",
     # generating
-    "StableDiffusionPipeline": "ldm.pipeline",
+    "StableDiffusionPipeline": "ldm.pipeline", "StableDiffusionUpscalePipeline": "ldm.upscale",
     # Loading is the converter's job (weights_convert/), re-exported here because `ldm.load_pipeline` is the
     # documented entry point. Model files never import weights_convert; this lazy seam is the one exception.
     "load_pipeline": "weights_convert.load",
 }
 _SUBMODULES = {"attention", "config", "schedulers", "research", "pipeline", "unet", "vae", "clip", "tokenizer",
-               "optimize"}
+               "optimize", "upscale"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 __version__ = "0.1.0"

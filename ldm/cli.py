@@ -92,7 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-maps", metavar="DIR", default=None,
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
     g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    from ldm import upscale_cli  # `ldm upscale` and the --hires-* options live in ldm/upscale_cli.py
+
+    upscale_cli.add_hires_arguments(g)
     g.set_defaults(run=generate)
+
+    u = commands.add_parser("upscale", help="upscale a picture 4x with the SD x4 upscaler",
+                            description="Upscale a picture 4x (each side) with the SD x4 upscaler, guided by a prompt.")
+    upscale_cli.add_arguments(u)
+    u.set_defaults(run=upscale_cli.run)
 
     from ldm import summary  # the layer tables of `ldm inspect MODEL` live with their code in ldm/summary.py
 
@@ -162,21 +170,15 @@ def generate(args: argparse.Namespace) -> int:
     import ldm
     from ldm.research import AttentionStore, save_attention_maps, use_processor
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available")
-    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    if dtype_name == "fp16" and device == "cpu":
-        raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
+    device, dtype = device_and_dtype(args)
     try:
         pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
                                  allow_pickle=args.allow_pickle)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
+    if getattr(pipe.family, "name", None) == "x4-upscaler":
+        raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
+                         f"--hires-model with another model)")
 
     if args.vae_tiling:
         pipe.enable_vae_tiling()
@@ -236,6 +238,10 @@ def _stamp(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
         extra["Clip skip"] = args.clip_skip
     if args.eta:
         extra["Eta"] = args.eta
+    if args.hires_scale is not None:
+        from ldm.upscale_cli import hires_fields
+
+        extra.update(hires_fields(args))
     return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
                 guidance_scale=args.guidance, model_name=_model_name(args.model), model_hash=model_hash(args.model),
                 extra=extra)
@@ -262,6 +268,11 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
     """Run the right pipeline method under a progress bar. Returns the output and the (width, height)."""
     from tqdm import tqdm
 
+    if args.hires_scale is not None:
+        from ldm.upscale_cli import run_hires
+
+        return run_hires(pipe, args, common)
+
     steps = args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
     with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
         common["callback"] = lambda i, t, latents: bar.update(1)
@@ -272,6 +283,21 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
         else:
             result = pipe.inpaint(args.prompt, args.init_image, args.mask, strength=_strength(args), **common)
     return result, result.images[0].size
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
+    """--device / --dtype / --threads: the device name and torch dtype (UsageError where they cannot work)."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if dtype_name == "fp16" and device == "cpu":
+        raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
 
 
 def _optimize(pipe: Any, args: argparse.Namespace) -> None:
@@ -323,6 +349,9 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
     if args.init_image is not None and (args.height is not None or args.width is not None):
         raise UsageError("--height/--width do not apply with --init-image: the output has the image's size")
     _check_images(args)
+    from ldm.upscale_cli import check_hires_args
+
+    check_hires_args(args)
     _check_model(args)
     maps = None if args.attention_maps is None else Path(args.attention_maps)
     if maps is not None and maps.exists() and not maps.is_dir():

@@ -235,15 +235,15 @@ class CLIPTextConfig:
 # UNet: diffusers UNet2DConditionModel
 
 _UNET_FIXED = {
-    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+    "addition_time_embed_dim": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
     "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
-    "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+    "attention_type": "default", "class_embeddings_concat": False,
     "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
 }
 
@@ -268,6 +268,13 @@ class UNetConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0  # in the ResNet blocks, training only
     sample_size: int | None = 64  # latent size the model was trained at; recorded, not used
+    # Class conditioning (the x4 upscaler: its noise level 0..999): an nn.Embedding of this many classes whose
+    # vector is added to the time embedding (diffusers key `class_embedding`); None: no class input.
+    num_class_embeds: int | None = None
+    # Per level: the first attention of each transformer block (attn1) attends to the text context too, instead of
+    # to the pixels (the x4 upscaler: (True, True, True, False)); a bool means every level. The mid block always
+    # keeps self-attention (diffusers' UNetMidBlock2DCrossAttn has no such switch).
+    only_cross_attention: bool | tuple[bool, ...] = False
 
     def __post_init__(self) -> None:
         owner = "UNetConfig"
@@ -281,12 +288,19 @@ class UNetConfig:
         object.__setattr__(self, "num_heads", heads)
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "cross_attention_levels", tuple(bool(x) for x in self.cross_attention_levels))
+        only = self.only_cross_attention
+        only = (only,) * levels if isinstance(only, bool) else tuple(only)
+        object.__setattr__(self, "only_cross_attention", only)
+        if not all(isinstance(x, bool) for x in only):
+            raise ValueError(f"{owner}: only_cross_attention must hold bools, got {only!r}")
+        if self.num_class_embeds is not None:
+            _positive(owner, num_class_embeds=self.num_class_embeds)
         _positive(owner, in_channels=self.in_channels, out_channels=self.out_channels,
                   layers_per_block=self.layers_per_block, cross_attention_dim=self.cross_attention_dim,
                   norm_num_groups=self.norm_num_groups)
         if levels == 0:
             raise ValueError(f"{owner}: block_out_channels must not be empty")
-        for name in ("cross_attention_levels", "num_heads"):
+        for name in ("cross_attention_levels", "num_heads", "only_cross_attention"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"{owner}: {name} has {len(getattr(self, name))} entries, block_out_channels has "
                                  f"{levels}")
@@ -321,9 +335,12 @@ class UNetConfig:
         accepted = {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
                     "use_linear_projection", "upcast_attention", "flip_sin_to_cos", "freq_shift", "norm_num_groups",
                     "norm_eps", "dropout", "sample_size", "down_block_types", "up_block_types",
-                    "attention_head_dim", "num_attention_heads"}
+                    "attention_head_dim", "num_attention_heads", "num_class_embeds", "only_cross_attention",
+                    "mid_block_only_cross_attention"}
         kw = _read(d, owner, accepted, _UNET_FIXED)
         _lists(owner, kw, "block_out_channels", "down_block_types", "up_block_types")
+        # Read by diffusers' UNetMidBlock2DCrossAttn never (only the "simple" mid block takes it): no effect here.
+        kw.pop("mid_block_only_cross_attention", None)
         # diffusers' defaults where they differ from ours
         widths = tuple(kw.pop("block_out_channels", (320, 640, 1280, 1280)))
         kw.setdefault("cross_attention_dim", 1280)
@@ -352,7 +369,9 @@ class UNetConfig:
         down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attention_levels]
         up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attention_levels)]
         d = {k: v for k, v in asdict(self).items() if k not in ("num_heads", "cross_attention_levels")}
+        only = self.only_cross_attention
         return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **d,
+                "only_cross_attention": only[0] if len(set(only)) == 1 else list(only),
                 "block_out_channels": list(self.block_out_channels), "down_block_types": down, "up_block_types": up,
                 "attention_head_dim": list(self.num_heads), "act_fn": "silu", "center_input_sample": False,
                 "downsample_padding": 1, "mid_block_scale_factor": 1}
@@ -403,7 +422,22 @@ SD21_V = FamilyPreset("sd21-v", replace(_UNET_SD2, upcast_attention=True, sample
 SD15_INPAINT = replace(SD15, name="sd15-inpaint", unet=replace(_UNET_SD1, in_channels=9))
 SD2_INPAINT = replace(SD21_BASE, name="sd2-inpaint", unet=replace(_UNET_SD2, in_channels=9))
 
-FAMILIES: dict[str, FamilyPreset] = {p.name: p for p in (SD15, SD21_BASE, SD21_V, SD15_INPAINT, SD2_INPAINT)}
+# The SD x4 upscaler (stabilityai/stable-diffusion-x4-upscaler): its UNet sees 7 channels (4 noisy latents + the
+# noise-augmented low-resolution RGB image), is told the augmentation level through 1000 class embeddings, has no
+# attention at its first (highest resolution) level and only cross-attention at the next three; its VAE has three
+# levels (f = 4, so a 128x128 input gives 128x128 latents and a 512x512 output). v-prediction, DDIM, trained with
+# the linear-in-sqrt schedule from 0.0001 to 0.02. The low-resolution image's own noise schedule and maximum level
+# (350) belong to the pipeline (ldm/upscale.py).
+_UNET_X4 = UNetConfig(in_channels=7, block_out_channels=(256, 512, 512, 1024),
+                      cross_attention_levels=(False, True, True, True), num_heads=8, cross_attention_dim=1024,
+                      use_linear_projection=True, num_class_embeds=1000, only_cross_attention=(True, True, True, False),
+                      sample_size=128)
+_VAE_X4 = VAEConfig(block_out_channels=(128, 256, 512), scaling_factor=0.08333, sample_size=512)
+X4_UPSCALER = FamilyPreset("x4-upscaler", _UNET_X4, _VAE_X4, _OPENCLIP_H, "v_prediction", "DDIMScheduler", "!", 512,
+                           (("beta_start", 0.0001), ("beta_end", 0.02), ("skip_prk_steps", True)))
+
+FAMILIES: dict[str, FamilyPreset] = {p.name: p for p in (SD15, SD21_BASE, SD21_V, SD15_INPAINT, SD2_INPAINT,
+                                                         X4_UPSCALER)}
 
 
 def family(name: str) -> FamilyPreset:

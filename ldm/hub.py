@@ -26,7 +26,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 def needed_patterns(variant: str | None = None) -> list[str]:
     """allow_patterns for snapshot_download: configs, tokenizer, and the safetensors weights of one variant."""
     mid = f".{variant}" if variant else ""
-    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                "low_res_scheduler/scheduler_config.json"]  # the x4 upscaler's image-noising schedule
     for sub, stem in WEIGHT_FILES.items():
         patterns += [f"{sub}/config.json", f"{sub}/{stem}{mid}.safetensors",
                      f"{sub}/{stem}.safetensors.index{mid}.json", f"{sub}/{stem}{mid}.safetensors.index.json",

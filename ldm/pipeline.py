@@ -301,19 +301,23 @@ class StableDiffusionPipeline:
 
     def denoise(self, latents: Tensor, context: Tensor, scheduler: Any, timesteps: Tensor, guidance_scale: float, *,
                 step_kwargs: dict[str, Any], callback: Callback | None = None, condition: Tensor | None = None,
-                blend: Callable[[int, Tensor], Tensor] | None = None) -> tuple[Tensor, int]:
+                blend: Callable[[int, Tensor], Tensor] | None = None,
+                class_labels: Tensor | None = None) -> tuple[Tensor, int]:
         """Run the scheduler over `timesteps` from `latents` (B, C, h, w). Returns the final latents, steps taken.
 
         context: (2B, S, D) [uncond; cond] when guidance_scale > 1, else (B, S, D). condition: extra UNet input
-        channels (inpainting checkpoints). blend(i, latents): applied after each step (inpainting by blending).
+        channels (inpainting checkpoints, the upscaler's low-resolution image). blend(i, latents): applied after
+        each step (inpainting by blending). class_labels: (2B or B,) for UNets with a class embedding (the
+        upscaler's noise level).
         """
+        extra = {} if class_labels is None else {"class_labels": class_labels}
         guided = guidance_scale > 1
         for i, t in enumerate(timesteps):
             x = torch.cat([latents] * 2) if guided else latents  # (2B or B, C, h, w)
             x = scheduler.scale_model_input(x, t)
             if condition is not None:
                 x = torch.cat([x, condition], dim=1)  # (2B or B, 2C + 1, h, w)
-            out = self.unet(x, t, context)  # (2B or B, C, h, w): predicted noise, or v for sd21-v
+            out = self.unet(x, t, context, **extra)  # (2B or B, C, h, w): predicted noise, or v for sd21-v
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)

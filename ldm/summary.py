@@ -203,6 +203,8 @@ def example_inputs(component: str, preset: FamilyPreset, size: int, batch: int =
     if component == "unet":
         latents = torch.zeros(batch, preset.unet.in_channels, size // f, size // f, device=device, dtype=dtype)
         context = torch.zeros(batch, S, preset.unet.cross_attention_dim, device=device, dtype=dtype)
+        if preset.unet.num_class_embeds is not None:  # the x4 upscaler: its noise level, as a class label
+            return latents, TIMESTEP, context, torch.zeros(batch, dtype=torch.long, device=device)
         return latents, TIMESTEP, context
     if component == "vae":
         return (torch.zeros(batch, preset.vae.in_channels, size, size, device=device, dtype=dtype),)

@@ -202,12 +202,18 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm transformer block: self-attention, cross-attention on the text, feed-forward; each residual."""
+    """Pre-LayerNorm transformer block: self-attention, cross-attention on the text, feed-forward; each residual.
 
-    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool) -> None:
+    only_cross: attn1 attends to the text as well (diffusers' only_cross_attention; the x4 upscaler's high
+    resolution levels, where self-attention over every pixel would cost L^2).
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool, only_cross: bool = False) -> None:
         super().__init__()
+        self.only_cross = only_cross
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, upcast=upcast)  # self-attention: every pixel looks at every pixel
+        # self-attention: every pixel looks at every pixel (or, only_cross, at the text tokens)
+        self.attn1 = Attention(dim, heads, context_dim if only_cross else None, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)  # cross-attention: pixels look at tokens
         self.norm3 = nn.LayerNorm(dim)
@@ -215,7 +221,10 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, L, D), context: (B, S, D_text) -> (B, L, D). `mask` reaches the cross-attention."""
-        x = x + self.attn1(self.norm1(x))
+        if self.only_cross:
+            x = x + self.attn1(self.norm1(x), context, mask)
+        else:
+            x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))
 
@@ -226,13 +235,13 @@ class Transformer2DModel(nn.Module):
     proj_in / proj_out are 1x1 convs (SD 1) or Linear layers (SD 2, use_linear_projection); the same map either way.
     """
 
-    def __init__(self, ch: int, heads: int, cfg: UNetConfig) -> None:
+    def __init__(self, ch: int, heads: int, cfg: UNetConfig, only_cross: bool = False) -> None:
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+            [BasicTransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention, only_cross)])
         self.proj_out = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -282,11 +291,11 @@ class DownBlock(nn.Module):
     """
 
     def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, heads: int, with_attention: bool,
-                 add_downsample: bool) -> None:
+                 add_downsample: bool, only_cross: bool = False) -> None:
         super().__init__()
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList([_resnet(cfg, in_ch if i == 0 else out_ch, out_ch) for i in range(n)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg) for _ in range(n)]
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg, only_cross) for _ in range(n)]
                                         if with_attention else [])
         # key-compat: diffusers keeps the downsampler in a one-element list, `downsamplers.0.conv`.
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if add_downsample else [])
@@ -326,11 +335,11 @@ class UpBlock(nn.Module):
     """
 
     def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, skip_chs: list[int], heads: int,
-                 with_attention: bool, add_upsample: bool) -> None:
+                 with_attention: bool, add_upsample: bool, only_cross: bool = False) -> None:
         super().__init__()
         ins = [in_ch] + [out_ch] * (len(skip_chs) - 1)
         self.resnets = nn.ModuleList([_resnet(cfg, c + s, out_ch) for c, s in zip(ins, skip_chs)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg) for _ in skip_chs]
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg, only_cross) for _ in skip_chs]
                                         if with_attention else [])
         # key-compat: diffusers keeps the upsampler in a one-element list, `upsamplers.0.conv`.
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if add_upsample else [])
@@ -364,6 +373,9 @@ class UNet2DConditionModel(nn.Module):
 
         self.time_proj = Timesteps(widths[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         self.time_embedding = TimestepEmbedding(widths[0], cfg.time_embed_dim)
+        # Class conditioning (the x4 upscaler's noise level): one learned vector per class, added to temb.
+        self.class_embedding = None if cfg.num_class_embeds is None else \
+            nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
 
         # Down path; record the channel count of every skip it leaves behind (conv_in's output is the first).
@@ -371,7 +383,8 @@ class UNet2DConditionModel(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, width in enumerate(widths):
             in_ch = widths[max(i - 1, 0)]
-            self.down_blocks.append(DownBlock(cfg, in_ch, width, heads[i], attn[i], add_downsample=i < last))
+            self.down_blocks.append(DownBlock(cfg, in_ch, width, heads[i], attn[i], add_downsample=i < last,
+                                              only_cross=cfg.only_cross_attention[i]))
             skip_chs += [width] * (cfg.layers_per_block + (i < last))
 
         self.mid_block = MidBlock(cfg, widths[-1], heads[-1])
@@ -383,30 +396,41 @@ class UNet2DConditionModel(nn.Module):
             n = cfg.layers_per_block + 1
             level_skips = skip_chs[-n:][::-1]
             del skip_chs[-n:]
-            self.up_blocks.append(UpBlock(cfg, in_ch, widths[i], level_skips, heads[i], attn[i], add_upsample=i > 0))
+            self.up_blocks.append(UpBlock(cfg, in_ch, widths[i], level_skips, heads[i], attn[i], add_upsample=i > 0,
+                                          only_cross=cfg.only_cross_attention[i]))
             in_ch = widths[i]
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor) -> Tensor:
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor,
+                class_labels: Tensor | int | None = None) -> Tensor:
         """sample: (B, C_in, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, S, D_text) -> (B, C_out, H, W).
 
         H and W must be divisible by cfg.downsample_factor (8 for every SD preset). Timesteps are used as given,
-        fractional ones included (LMS and Euler schedulers).
+        fractional ones included (LMS and Euler schedulers). class_labels: scalar or (B,) ints in
+        [0, num_class_embeds), required exactly when the config has num_class_embeds (the x4 upscaler's noise level).
         """
         self._check_inputs(sample, encoder_hidden_states)
         t = self._timesteps(timestep, sample)  # (B,) on the sample's device
-        return self.network(sample, t, encoder_hidden_states)
+        network = self.network  # ldm.optimize.compile_unet may shadow it on this instance
+        if self.class_embedding is None:
+            if class_labels is not None:
+                raise ValueError("UNet: class_labels given, but this model has no class embedding (num_class_embeds)")
+            return network(sample, t, encoder_hidden_states)
+        return network(sample, t, encoder_hidden_states, self._class_labels(class_labels, sample))
 
-    def network(self, sample: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """The network itself on checked inputs: sample (B, C_in, H, W), t (B,) on its device, context (B, S, D_text).
+    def network(self, sample: Tensor, t: Tensor, context: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The network itself on checked inputs: sample (B, C_in, H, W), t (B,) on its device, context (B, S, D_text),
+        class_labels (B,) int64 on its device where the model has a class embedding.
 
         Kept apart from forward's input checks so the math reads alone, and so torch.compile sees tensors on one
         device and no Python checks: ldm.optimize.compile_unet shadows this method on one instance by its graph.
         """
         temb = self.time_proj(t).to(sample.dtype)  # (B, C0); the sinusoid is fp32, the MLP runs in the model dtype
         temb = self.time_embedding(temb)  # (B, T)
+        if self.class_embedding is not None:
+            temb = temb + self.class_embedding(class_labels).to(sample.dtype)  # (B, T): diffusers adds, no concat
 
         x = self.conv_in(sample)  # (B, C0, H, W)
         skips = [x]
@@ -438,6 +462,24 @@ class UNet2DConditionModel(nn.Module):
         if context.shape[0] != sample.shape[0]:
             raise ValueError(f"UNet: encoder_hidden_states batch is {context.shape[0]}, expected the sample's batch "
                              f"{sample.shape[0]}")
+
+    def _class_labels(self, labels: Tensor | int | None, sample: Tensor) -> Tensor:
+        """Class labels as a (B,) int64 tensor on the sample's device, checked against num_class_embeds."""
+        n, B = self.config.num_class_embeds, sample.shape[0]
+        if labels is None:
+            raise ValueError(f"UNet: class_labels are required: this model has a class embedding "
+                             f"(num_class_embeds={n}; for the x4 upscaler, the noise level)")
+        if isinstance(labels, bool) or not isinstance(labels, (int, Tensor)):
+            raise TypeError(f"UNet: class_labels must be an int or an integer tensor, got {type(labels).__name__}")
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"UNet: class_labels must be integers, got dtype {labels.dtype}")
+        if labels.ndim > 1 or (labels.ndim == 1 and labels.shape[0] not in (1, B)):
+            raise ValueError(f"UNet: class_labels must be a scalar or have shape (1,) or ({B},), got "
+                             f"{tuple(labels.shape)}")
+        if labels.device.type != "meta" and (bool((labels < 0).any()) or bool((labels >= n).any())):
+            raise ValueError(f"UNet: class_labels must lie in [0, {n}), got {labels.tolist()}")
+        return labels.reshape(-1).to(sample.device, torch.int64).expand(B)
 
     @staticmethod
     def _timesteps(timestep: Tensor | float | int, sample: Tensor) -> Tensor:

@@ -269,3 +269,37 @@ HARD_PROMPTS = [
     "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
     "\x00\x07 control chars \u200b zero width \ufeff bom",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny x4 upscaler (tests/test_upscale.py, tests/test_upscale_cli.py): 16 px in, 64 px out
+
+X4_UNET = dict(sample_size=16, in_channels=7, out_channels=4, block_out_channels=(32, 32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=(2, 2, 4), norm_num_groups=32, num_class_embeds=1000,
+            only_cross_attention=[True, True, False], use_linear_projection=True)
+X4_VAE = dict(block_out_channels=(32, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+           down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
+           scaling_factor=0.08333)
+X4_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=0, eos_token_id=2,
+            pad_token_id=1)
+
+
+def x4_low_res_picture(seed: int, size: int = 16) -> Image.Image:
+    g = np.random.default_rng(seed)
+    return Image.fromarray(g.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+
+
+def tiny_x4_manifest(family) -> dict:
+    """The x4 single-file layout at the tiny sizes: our tables run backwards, plus the low_scale_model buffers."""
+    from tests.synth import tiny_ldm_manifest
+    from weights_convert.checkpoint import LOW_SCALE_BUFFERS
+
+    m = tiny_ldm_manifest(family)
+    m["keys"].update({name: {"shape": [1000], "dtype": "float32"} for name in LOW_SCALE_BUFFERS})
+    m["keys"] = dict(sorted(m["keys"].items()))
+    m["schedule_buffer_values_reference"] = load_json(FIXTURES / "x4_upscaler_ldm_keys.json")[
+        "schedule_buffer_values_reference"]
+    return m

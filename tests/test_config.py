@@ -38,7 +38,7 @@ def test_family_facts():
     assert (ldm.SD15.pad_token, ldm.SD21_V.pad_token) == ("<|endoftext|>", "!")
     assert (ldm.SD15.native_size, ldm.SD21_BASE.native_size, ldm.SD21_V.native_size) == (512, 512, 768)
     assert ldm.SD15_INPAINT.unet.in_channels == 9 and ldm.SD2_INPAINT.unet.in_channels == 9
-    assert set(FAMILIES) == {"sd15", "sd21-base", "sd21-v", "sd15-inpaint", "sd2-inpaint"}
+    assert set(FAMILIES) == {"sd15", "sd21-base", "sd21-v", "sd15-inpaint", "sd2-inpaint", "x4-upscaler"}
 
 
 def test_presets_are_frozen_and_scheduler_dict_is_a_copy():
@@ -66,7 +66,8 @@ def test_every_reference_key_is_accepted():
 
 @pytest.mark.parametrize("reader, d, key", [
     (ldm.UNetConfig.from_diffusers, {"class_embed_type": "timestep"}, "class_embed_type"),
-    (ldm.UNetConfig.from_diffusers, {"only_cross_attention": True}, "only_cross_attention"),
+    (ldm.UNetConfig.from_diffusers, {"class_embeddings_concat": True}, "class_embeddings_concat"),
+    (ldm.UNetConfig.from_diffusers, {"only_cross_attention": [True, False]}, "only_cross_attention"),
     (ldm.UNetConfig.from_diffusers, {"down_block_types": ["DownBlock2D", "AttnDownBlock2D"]}, "down_block_types"),
     (ldm.UNetConfig.from_diffusers, {"up_block_types": ["UpBlock2D"] * 4}, "up_block_types"),
     (ldm.UNetConfig.from_diffusers, {"no_such_key": 1}, "no_such_key"),

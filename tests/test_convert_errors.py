@@ -112,7 +112,7 @@ def test_other_model_families(good: Path, tmp_path: Path) -> None:
     _expect(save_file(lora, tmp_path / "lora.safetensors"), "not a Stable Diffusion 1.x/2.x single-file checkpoint")
     t = _tensors(good)
     t[CONV_IN] = torch.zeros(32, 8, 3, 3)
-    _expect(save_file(t, tmp_path / "8ch.safetensors"), "take 4 channels (or 9 for inpainting)")
+    _expect(save_file(t, tmp_path / "8ch.safetensors"), "take 4 channels (9 for inpainting, 7 for the x4 upscaler)")
     with pytest.raises(ValueError, match="family must be one of sd15, sd21-base"):
         load_components(good, family="sdxl")
 

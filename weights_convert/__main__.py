@@ -32,8 +32,9 @@ def family_rules(name: str) -> list[Rule]:
     """The complete table of a family's official single file (a pruned file: no EMA copies)."""
     preset = FAMILIES[name]
     gen = 2 if preset.text.hidden_act == "gelu" else 1
+    upscaler = preset.unet.num_class_embeds is not None  # the x4 upscaler: its low_scale_model buffers too
     return checkpoint_rules(preset, Layout(gen, preset.unet.in_channels == 9, SD2_PREFIX if gen == 2 else SD1_PREFIX,
-                                           False))
+                                           False, upscaler))
 
 
 def format_table(rules: list[Rule], markdown: bool = False) -> str:

@@ -9,6 +9,9 @@ Detection uses keys and shapes only:
 - SD 1.x: a CLIP text model under `cond_stage_model.transformer.`; SD 2.x: OpenCLIP under `cond_stage_model.model.`
   (and a 1024-wide cross-attention in the UNet).
 - inpainting: the UNet's first convolution takes 9 channels (4 latents + mask + 4 masked-image latents), not 4.
+- the x4 upscaler: 7 channels (4 latents + the 3-channel low-resolution image) and a class embedding
+  (`label_emb.weight`, the noise level); its `low_scale_model.*` buffers (the low-resolution image's noise schedule,
+  which the pipeline recomputes) are dropped on purpose.
 - SD 2.x 512 epsilon vs 768 v-prediction: identical keys and shapes, so it needs `family=`, a sidecar config
   (`<file>.yaml`, the original inference config with `parameterization: "v"` for v-prediction), or the default
   "sd21-v" with a warning (as diffusers assumes).
@@ -37,8 +40,11 @@ SCHEDULE_BUFFERS = (
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 )
+# The x4 upscaler's `low_scale_model` (ImageConcatWithNoiseAugmentation) registers the same schedule again.
+LOW_SCALE_BUFFERS = tuple(f"low_scale_model.{name}" for name in SCHEDULE_BUFFERS[:8])
 EMA_PREFIX = "model_ema."
 FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
+CLASS_EMBEDDING = UNET_PREFIX + "label_emb.weight"
 
 
 def ema_key(unet_key: str) -> str:
@@ -57,10 +63,13 @@ class Layout:
     inpainting: bool
     clip_prefix: str  # where the text encoder's keys live
     has_ema: bool  # a full (non-pruned) file: `model_ema.*` copies of the UNet next to the regular weights
+    upscaler: bool = False  # the SD x4 upscaler: 7 input channels and a class (noise level) embedding
 
     @property
     def candidates(self) -> tuple[str, ...]:
         """The family names these keys are consistent with."""
+        if self.upscaler:
+            return ("x4-upscaler",)
         if self.generation == 1:
             return ("sd15-inpaint",) if self.inpainting else ("sd15",)
         return ("sd2-inpaint",) if self.inpainting else ("sd21-v", "sd21-base")
@@ -82,17 +91,21 @@ def detect_layout(keys: set[str], shape_of: dict[str, tuple[int, ...]], path: Pa
         raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint: no text encoder under "
                               f"{SD1_PREFIX!r} (SD 1.x) or {SD2_PREFIX!r} (SD 2.x)")
     channels = shape_of[FIRST_CONV][1] if len(shape_of[FIRST_CONV]) == 4 else None
-    if channels not in (4, 9):
+    if channels not in (4, 7, 9):
         raise CheckpointError(f"{path}: {FIRST_CONV!r} has shape {list(shape_of[FIRST_CONV])}; Stable Diffusion "
-                              f"1.x/2.x UNets take 4 channels (or 9 for inpainting)")
+                              f"1.x/2.x UNets take 4 channels (9 for inpainting, 7 for the x4 upscaler)")
+    upscaler = channels == 7
+    if upscaler and (generation != 2 or CLASS_EMBEDDING not in keys):
+        raise CheckpointError(f"{path}: a 7-channel UNet, as the SD x4 upscaler's, but without its OpenCLIP text "
+                              f"encoder ({SD2_PREFIX!r}) and noise-level embedding ({CLASS_EMBEDDING!r})")
     has_ema = ema_key(FIRST_CONV) in keys
-    return Layout(generation, channels == 9, clip_prefix, has_ema)
+    return Layout(generation, channels == 9, clip_prefix, has_ema, upscaler)
 
 
 def _sidecar_family(path: Path, layout: Layout) -> str | None:
     """The family named by an original inference config next to the file (`<stem>.yaml`), if there is one."""
     sidecar = path.with_suffix(".yaml")
-    if not sidecar.is_file() or layout.generation != 2 or layout.inpainting:
+    if not sidecar.is_file() or layout.generation != 2 or layout.inpainting or layout.upscaler:
         return None
     text = sidecar.read_text(errors="replace")
     match = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, flags=re.MULTILINE)
@@ -144,6 +157,9 @@ def checkpoint_rules(preset: FamilyPreset, layout: Layout, ema: bool = False) ->
         rules += openclip_rules(preset.text, layout.clip_prefix)
     rules += [drop(name, "noise-schedule buffer; the scheduler recomputes it", optional=True)
               for name in SCHEDULE_BUFFERS]
+    if layout.upscaler:
+        rules += [drop(name, "the low-resolution image's noise schedule; the upscale pipeline recomputes it",
+                       optional=True) for name in LOW_SCALE_BUFFERS]
     rules.append(drop("lvlb_weights", "training loss weights", optional=True))
     rules.append(drop("model_ema.decay", "EMA bookkeeping", optional=True))
     rules.append(drop("model_ema.num_updates", "EMA bookkeeping", optional=True))

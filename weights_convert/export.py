@@ -102,9 +102,26 @@ def _write_folder(parts: Any, out: Path, dtype: torch.dtype | None, variant: str
     scheduler.setdefault("_class_name", type(parts.scheduler).__name__)
     _write_json(out / "scheduler" / "scheduler_config.json", scheduler)
     _tokenizer(parts.tokenizer, out / "tokenizer")
-    _write_json(out / "model_index.json", {
+    index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False})
+        "feature_extractor": [None, None], "requires_safety_checker": False}
+    if parts.family.name == "x4-upscaler":
+        del index["requires_safety_checker"]  # not an argument of diffusers' StableDiffusionUpscalePipeline
+        index.update(_upscaler_folder(parts, out))
+    _write_json(out / "model_index.json", index)
+
+
+def _upscaler_folder(parts: Any, out: Path) -> dict[str, Any]:
+    """The x4 upscaler's extras: `low_res_scheduler/` and the model_index.json entries diffusers' class expects."""
+    from ldm.upscale import LOW_RES_SCHEDULER, MAX_NOISE_LEVEL
+
+    low_res = getattr(parts, "low_res_scheduler", None) or LOW_RES_SCHEDULER
+    level = getattr(parts, "max_noise_level", None)
+    _write_json(out / "low_res_scheduler" / "scheduler_config.json",
+                {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **dict(low_res)})
+    return {"_class_name": "StableDiffusionUpscalePipeline", "low_res_scheduler": ["diffusers", "DDPMScheduler"],
+            "max_noise_level": MAX_NOISE_LEVEL if level is None else level, "safety_checker": [None, None],
+            "watermarker": [None, None]}

@@ -51,6 +51,9 @@ class Components:
     scheduler: Any
     family: FamilyPreset
     source: Path
+    # The x4 upscaler's extras (diffusers' model_index.json `max_noise_level`, `low_res_scheduler/`); None elsewhere.
+    max_noise_level: int | None = None
+    low_res_scheduler: dict[str, Any] | None = None
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
@@ -284,7 +287,9 @@ def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, schedul
                    family: str | FamilyPreset | None) -> str:
     generation = 2 if text.hidden_act == "gelu" else 1
     inpainting = unet.in_channels == 9
-    if generation == 1:
+    if unet.num_class_embeds is not None and unet.in_channels == 7:
+        name = "x4-upscaler"
+    elif generation == 1:
         name = "sd15-inpaint" if inpainting else "sd15"
     elif inpainting:
         name = "sd2-inpaint"
@@ -331,9 +336,10 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     for c, model in models.items():  # verify every component before filling any
         rules[c] = folder_rules(c, _expected(model), sources[c])
         verify(rules[c], sources[c], {c: _expected(model)}, what=f"diffusers {c}")
+    extras = _upscaler_extras(folder) if name == "x4-upscaler" else {}
     filled = {c: _fill(m, rules[c], sources[c], c, dtype, device) for c, m in models.items()}
     return Components(filled["unet"], filled.get("vae"), filled["text_encoder"], tokenizer, scheduler, preset,
-                      folder)
+                      folder, **extras)
 
 
 def _tokenizer_dir(folder: Path) -> Any:
@@ -347,6 +353,22 @@ def _tokenizer_dir(folder: Path) -> Any:
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for damaged files
         raise CheckpointError(f"{folder}: cannot read the tokenizer ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:200]})") from None
+
+
+def _upscaler_extras(folder: Path) -> dict[str, Any]:
+    """The x4 upscaler folder's `max_noise_level` (model_index.json) and `low_res_scheduler/` config, checked."""
+    from ldm.upscale import check_low_res_scheduler
+
+    index = read_json(folder / "model_index.json")
+    level = index.get("max_noise_level")
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise CheckpointError(f"{folder / 'model_index.json'}: max_noise_level must be an int >= 0, got {level!r}")
+    low_res = read_json(folder / "low_res_scheduler" / "scheduler_config.json")
+    try:
+        check_low_res_scheduler(low_res)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'low_res_scheduler' / 'scheduler_config.json'}: {e}") from None
+    return {"max_noise_level": level, "low_res_scheduler": low_res}
 
 
 def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
@@ -437,9 +459,14 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
     load with optimize=False and call `pipe.optimize(...)` yourself.
     """
     from ldm.pipeline import StableDiffusionPipeline
+    from ldm.upscale import StableDiffusionUpscalePipeline
 
     if not isinstance(optimize, bool):
         raise TypeError(f"optimize must be a bool, got {type(optimize).__name__}")
     parts = load_components(path_or_hub_id, dtype=dtype, device=device, family=family, vae=vae, ema=ema,
                             allow_pickle=allow_pickle, variant=variant)
+    if parts.family.name == "x4-upscaler":  # the pipeline class that fits the checkpoint, as diffusers picks it
+        extras = {k: v for k, v in (("max_noise_level", parts.max_noise_level),
+                                    ("low_res_scheduler", parts.low_res_scheduler)) if v is not None}
+        return StableDiffusionUpscalePipeline(**parts.pipeline_kwargs(), **extras, optimize=optimize)
     return StableDiffusionPipeline(**parts.pipeline_kwargs(), optimize=optimize)

@@ -99,6 +99,8 @@ def unet_blocks(cfg: UNetConfig) -> list[tuple[str, str, Local]]:
 def unet_rules(cfg: UNetConfig, prefix: str = PREFIX) -> list[Rule]:
     """Every UNet rule for `cfg`, source keys under `prefix`."""
     rules = expand("unet", prefix, "", STEM)
+    if cfg.num_class_embeds is not None:  # the original's class embedding (the x4 upscaler's noise level)
+        rules += expand("unet", prefix, "", local({"label_emb": "class_embedding"}, params=("weight",)))
     for src, dst, table in unet_blocks(cfg):
         rules += expand("unet", prefix + src, dst, table)
     return rules
