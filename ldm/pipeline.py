@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ldm import schedulers
 from ldm.attention import set_attention_chunk
+from ldm.adapters import AdapterMixin, LoRAMerger, TextualInversion
 from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
 from ldm.research.weighting import encode_prompt as encode_weighted
@@ -54,7 +55,7 @@ class PipelineOutput:
     steps_run: int  # denoising steps taken (fewer than asked when the callback stopped the run)
 
 
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inversion, load_lora_weights, ...
     """The loaded parts of a model and the three ways to run them: `pipe(...)`, `pipe.img2img`, `pipe.inpaint`.
 
     Built by `ldm.load_pipeline`; `family` (an `ldm.config.FamilyPreset`) names the model family, which fixes the
@@ -83,6 +84,8 @@ class StableDiffusionPipeline:
         self._prompt_cache: OrderedDict[tuple, tuple[Tensor, Tensor | None]] = OrderedDict()
         self._warned_vae_upcast = False
         self.levers = None  # the ldm.optimize.Levers pulled by optimize(), None on the eager pipeline
+        self.textual_inversion = TextualInversion()  # loaded embeddings (ldm/embeddings.py)
+        self.lora = LoRAMerger()  # loaded LoRAs, merged into the weights (ldm/lora.py)
         if optimize:
             self.optimize()
 
@@ -306,7 +309,8 @@ class StableDiffusionPipeline:
         clip_skip=n: the n-th-from-last layer's hidden states through the final layer norm (n=1 is the usual
         output). diffusers' clip_skip=k is ours k + 1.
         """
-        return encode_weighted(self.tokenizer, self.text_encoder, prompts, clip_skip, weighting)
+        tokenizer = self.textual_inversion.wrap(self.tokenizer)  # splices loaded embeddings (ldm/embeddings.py)
+        return encode_weighted(tokenizer, self.text_encoder, prompts, clip_skip, weighting)
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared preparation
@@ -368,7 +372,7 @@ class StableDiffusionPipeline:
             return self._encode_uncached(prompts, negatives, clip_skip, weighting)
         weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.text_encoder.parameters())
         key = (tuple(prompts), None if negatives is None else tuple(negatives), clip_skip, weighting,
-               id(self.text_encoder), id(self.tokenizer), weights)
+               id(self.text_encoder), id(self.tokenizer), weights, self.textual_inversion.state)
         if key in self._prompt_cache:
             self._prompt_cache.move_to_end(key)
             return self._prompt_cache[key]
@@ -382,7 +386,8 @@ class StableDiffusionPipeline:
                          weighting: bool) -> tuple[Tensor, Tensor | None]:
         if negatives is None:
             return self.encode_prompt(prompts, clip_skip, weighting), None
-        return encode_prompt_pair(self.tokenizer, self.text_encoder, prompts, negatives, clip_skip, weighting)
+        tokenizer = self.textual_inversion.wrap(self.tokenizer)  # splices loaded embeddings (ldm/embeddings.py)
+        return encode_prompt_pair(tokenizer, self.text_encoder, prompts, negatives, clip_skip, weighting)
 
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()
