@@ -24,6 +24,7 @@ from tests.helpers import assert_rel, rel_err
 from tests.test_pipeline import LATENT_TOL, pipelines, run_ref, tiny  # noqa: F401 - tiny is a fixture
 from weights_convert.safetensors_file import CheckpointError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TOL = 1e-6  # embeddings and merged weights (see the module docstring)
 WORD = "<cat-toy>"
 
@@ -329,3 +330,75 @@ def test_pipeline_of_packaged_model_has_adapter_methods() -> None:
     assert all(hasattr(ldm.StableDiffusionPipeline, m) for m in (
         "load_textual_inversion", "unload_textual_inversion", "load_lora_weights", "set_adapters",
         "unload_lora_weights"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, on the packaged shapes model
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from ldm.train import DEFAULT_MODEL_DIR
+
+    return ldm.load_pipeline(DEFAULT_MODEL_DIR)
+
+
+def test_cli_embedding_lora_and_prompt_tags(tmp_path: Path, shapes, capsys) -> None:
+    """--embedding, --lora PATH:SCALE and <lora:NAME:SCALE> with --lora-dir: the library's image for the same
+    adapters; the PNG's parameters keep the tag as written."""
+    from ldm.cli import main
+    from ldm.images import parse_parameters, read_parameters
+    from tests.test_pipeline import assert_images_close
+
+    width = shapes.text_encoder.cfg.hidden_size
+    save_file({"emb_params": vectors(2, width)}, tmp_path / "sparkle.safetensors")
+    lora_file(tmp_path / "a.safetensors", shapes, "kohya", seed=1)
+    (tmp_path / "loras").mkdir()
+    lora_file(tmp_path / "loras" / "b.safetensors", shapes, "peft", seed=2)
+    out = tmp_path / "x.png"
+    code = main(["generate", "a sparkle circle <lora:b:0.8>", "--out", str(out), "--steps", "3", "--seed", "1",
+                 "--embedding", str(tmp_path / "sparkle.safetensors"), "--lora", f"{tmp_path / 'a.safetensors'}:0.5",
+                 "--lora-dir", str(tmp_path / "loras")])
+    assert code == 0, capsys.readouterr().err
+    assert parse_parameters(read_parameters(out))["Prompt"] == "a sparkle circle <lora:b:0.8>"
+    before = state(shapes)
+    shapes.load_textual_inversion(tmp_path / "sparkle.safetensors")
+    shapes.load_lora_weights(tmp_path / "a.safetensors", weight=0.5)
+    shapes.load_lora_weights(tmp_path / "loras" / "b.safetensors", weight=0.8)
+    expected = shapes("a sparkle circle ", num_inference_steps=3, seed=1, output_type="np").images
+    shapes.unload_lora_weights()
+    shapes.unload_textual_inversion()
+    assert_unchanged(shapes, before)
+    from PIL import Image
+    import numpy as np
+
+    assert_images_close(np.asarray(Image.open(out), dtype=np.float32)[None] / 255, expected)
+
+
+@pytest.mark.parametrize("case", ["width", "unmatched", "sd2", "code", "truncated", "missing", "no-dir"])
+def test_cli_bad_adapters_exit_2(tmp_path: Path, shapes, capsys, case: str) -> None:
+    from ldm.cli import main
+
+    good = lora_file(tmp_path / "good.safetensors", shapes, "kohya")
+    args = {"width": ["--embedding", str(tmp_path / "wide.safetensors")],
+            "unmatched": ["--lora", str(tmp_path / "extra.safetensors")],
+            "sd2": ["--lora", str(tmp_path / "sd2.safetensors") + ":0.5"],
+            "code": ["--embedding", str(tmp_path / "code.pt")],
+            "truncated": ["--lora", str(tmp_path / "cut.safetensors")],
+            "missing": ["--lora", str(tmp_path / "nothing.safetensors")],
+            "no-dir": []}[case]
+    message = {"width": "width 768", "unmatched": "match no LoRA layer", "sd2": "a LoRA for SD 2.x",
+               "code": "needs code", "truncated": "cut.safetensors", "missing": "no such file",
+               "no-dir": "give --lora-dir"}[case]
+    save_file({"emb_params": vectors(1, 768)}, tmp_path / "wide.safetensors")
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "extra.safetensors")
+    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+               torch.zeros(4, 1024)}, tmp_path / "sd2.safetensors")
+    torch.save({"emb_params": vectors(1, 64), "x": Path("x")}, tmp_path / "code.pt")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:1000])
+    out = tmp_path / "x.png"
+    prompt = "a red circle <lora:good>" if case == "no-dir" else "a red circle"
+    assert main(["generate", prompt, "--out", str(out), "--steps", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("ldm generate: error:"), err
+    assert not out.exists()
