@@ -402,3 +402,84 @@ def test_cli_bad_adapters_exit_2(tmp_path: Path, shapes, capsys, case: str) -> N
     err = capsys.readouterr().err
     assert message in err and err.startswith("ldm generate: error:"), err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full SD 1.5 shapes (slow): the official configs, trained-like random weights
+
+
+@pytest.mark.slow
+def test_full_shape_sd15_embedding_matches_diffusers(tmp_path: Path) -> None:
+    """A 3-vector 768-wide embedding in CLIP ViT-L/14: the same prompt embeddings as diffusers' loader."""
+    from diffusers import StableDiffusionPipeline as RefPipeline
+    from transformers import CLIPTextConfig as RefConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.config import CLIPTextConfig
+    from tests.helpers import TOKENIZER_DIR, diffusers_config, trained_like_
+
+    config = diffusers_config("sd15", "text_encoder")
+    ref_text = trained_like_(CLIPTextModel(RefConfig(**config)), seed=4).eval()
+    text = ldm.CLIPTextModel(CLIPTextConfig.from_transformers(config)).eval()
+    text.load_state_dict(ref_text.state_dict(), strict=True)
+    save_file({WORD: vectors(3, 768, seed=2)}, tmp_path / "emb.safetensors")
+    ref = RefPipeline.__new__(RefPipeline)  # only its prompt encoding is used: no UNet or VAE at this size
+    ref.text_encoder, ref.tokenizer = ref_text, CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15")
+    ref.load_textual_inversion(str(tmp_path / "emb.safetensors"), tokenizer=ref.tokenizer, text_encoder=ref_text)
+    from ldm.embeddings import TextualInversion
+    from ldm.research.weighting import encode_prompt
+
+    ti = TextualInversion()
+    ti.add(__import__("weights_convert.adapter_files").adapter_files.read_embedding(tmp_path / "emb.safetensors"), 768)
+    ours_tok = ti.wrap(ldm.CLIPTokenizer.from_dir(TOKENIZER_DIR / "sd15"))
+    for prompt in ["a watercolour of <cat-toy> in the snow", "<cat-toy>, highly detailed"]:
+        ids = ref.tokenizer(ref.maybe_convert_prompt(prompt, ref.tokenizer), padding="max_length", max_length=77,
+                            truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = ref_text(ids).last_hidden_state
+            assert_rel(encode_prompt(ours_tok, text, [prompt]), expected, 1e-5, prompt)
+
+
+@pytest.mark.slow
+def test_full_shape_sd15_lora_matches_diffusers(tmp_path: Path) -> None:
+    """A kohya LoRA over every attention layer of the SD 1.5 UNet and CLIP, merged at 0.8: the same weights and
+    UNet output as diffusers' load_lora_weights + fuse_lora(lora_scale=0.8)."""
+    from diffusers import StableDiffusionPipeline as RefPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig as RefConfig
+    from transformers import CLIPTextModel
+
+    from ldm.config import CLIPTextConfig, UNetConfig
+    from tests.helpers import diffusers_config, trained_like_
+
+    unet_config, text_config = diffusers_config("sd15", "unet"), diffusers_config("sd15", "text_encoder")
+    ref_unet = trained_like_(UNet2DConditionModel(**{k: v for k, v in unet_config.items() if not k.startswith("_")}),
+                             seed=5).eval()
+    ref_text = trained_like_(CLIPTextModel(RefConfig(**text_config)), seed=6).eval()
+
+    class Parts:  # what lora_file needs of a pipeline
+        unet = ldm.UNet2DConditionModel(UNetConfig.from_diffusers(unet_config)).eval()
+        text_encoder = ldm.CLIPTextModel(CLIPTextConfig.from_transformers(text_config)).eval()
+
+    Parts.unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    Parts.text_encoder.load_state_dict(ref_text.state_dict(), strict=True)
+    path = lora_file(tmp_path / "full.safetensors", Parts, "kohya")
+    ref = RefPipeline.__new__(RefPipeline)
+    ref.unet, ref.text_encoder = ref_unet, ref_text
+    ref.register_to_config = lambda **kw: None
+    RefPipeline.load_lora_weights(ref, str(path), adapter_name="full")
+    RefPipeline.fuse_lora(ref, lora_scale=0.8)
+    from ldm.lora import LoRAMerger
+    from weights_convert.lora import read_lora
+
+    merger = LoRAMerger()
+    merger.add("full", read_lora(path, Parts.unet, Parts.text_encoder),
+               {"unet": Parts.unet, "text_encoder": Parts.text_encoder}, 0.8)
+    expected = ref_weights(ref)
+    for part in ("unet", "text_encoder"):
+        for key, value in getattr(Parts, part).state_dict().items():
+            assert rel_err(value, expected[f"{part}.{key}"]) <= TOL, key
+    g = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        assert_rel(Parts.unet(sample, 500, context), ref_unet(sample, 500, context).sample, 1e-5, "UNet")
