@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ldm
@@ -22,6 +22,7 @@ from ldm.lora import parse_lora_tags
 from ldm.research.weighting import apply_emphasis
 from tests.helpers import assert_rel, rel_err
 from tests.test_pipeline import LATENT_TOL, pipelines, run_ref, tiny  # noqa: F401 - tiny is a fixture
+from weights_convert.adapter_files import read_embedding
 from weights_convert.safetensors_file import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -292,7 +293,7 @@ def test_lora_bad_files(tmp_path: Path, pair) -> None:
     ours.load_lora_weights(good, adapter_name="good")
     ours.unload_lora_weights()
     before = state(ours)
-    data = dict(__import__("safetensors.torch").torch.load_file(good))
+    data = load_file(good)
     save_file({**data, "lora_unet_nowhere.lora_down.weight": torch.zeros(4, 4),
                "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)}, tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match=r"2 of \d+ keys match no LoRA layer.*lora_unet_nowhere.*LoHa"):
@@ -301,8 +302,13 @@ def test_lora_bad_files(tmp_path: Path, pair) -> None:
            torch.zeros(4, 1024), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up."
            "weight": torch.zeros(32, 4)}
     save_file(sd2, tmp_path / "sd2.safetensors")
-    with pytest.raises(CheckpointError, match=r"a LoRA for SD 2.x .*1024"):
+    with pytest.raises(CheckpointError, match=r"a LoRA for SD 2.x: .* reads 1024-wide text embeddings, this "
+                                              r"model.s reads 32"):
         ours.load_lora_weights(tmp_path / "sd2.safetensors")
+    save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1024)},
+              tmp_path / "sd2_text.safetensors")  # a text-encoder-only LoRA for OpenCLIP-H
+    with pytest.raises(CheckpointError, match=r"a LoRA for SD 2.x: .*self_attn_q_proj"):
+        ours.load_lora_weights(tmp_path / "sd2_text.safetensors")
     torch.save({"x": torch.zeros(1), "y": Path("x")}, tmp_path / "code.bin")
     with pytest.raises(CheckpointError, match="needs code to load"):
         ours.load_lora_weights(tmp_path / "code.bin")
@@ -430,7 +436,7 @@ def test_full_shape_sd15_embedding_matches_diffusers(tmp_path: Path) -> None:
     from ldm.research.weighting import encode_prompt
 
     ti = TextualInversion()
-    ti.add(__import__("weights_convert.adapter_files").adapter_files.read_embedding(tmp_path / "emb.safetensors"), 768)
+    ti.add(read_embedding(tmp_path / "emb.safetensors"), 768)
     ours_tok = ti.wrap(ldm.CLIPTokenizer.from_dir(TOKENIZER_DIR / "sd15"))
     for prompt in ["a watercolour of <cat-toy> in the snow", "<cat-toy>, highly detailed"]:
         ids = ref.tokenizer(ref.maybe_convert_prompt(prompt, ref.tokenizer), padding="max_length", max_length=77,

@@ -89,7 +89,7 @@ def read_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module)
         raise CheckpointError(f"{path}: not a LoRA file: entries that are not tensors: {bad[:MAX_LISTED]}")
     if not data:
         raise CheckpointError(f"{path}: the file holds no tensors")
-    _check_family(path, data, unet)
+    _check_family(path, data, unet, text_encoder)
     table = lora_module_table(unet, text_encoder)
     layers: dict[str, dict[str, Tensor]] = {}
     unmatched = []
@@ -142,20 +142,25 @@ def _layer(path: Path, name: str, slots: dict[str, Tensor], module: nn.Module, a
     return LoRALayer(down.detach(), up.detach(), alpha)
 
 
-def _check_family(path: Path, data: dict[str, Tensor], unet: nn.Module) -> None:
-    """A LoRA for another family, told from its cross-attention width or SDXL's second text encoder."""
+def _check_family(path: Path, data: dict[str, Tensor], unet: nn.Module, text_encoder: nn.Module) -> None:
+    """A LoRA for another family, told from the text width its layers read: the UNet's cross-attention k/v and
+    the text encoder's q projection and first MLP layer; or from SDXL's second text encoder."""
     ours = unet.config.cross_attention_dim
+    family = FAMILY_WIDTHS.get(ours, f"a model with {ours}-wide text embeddings")
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in data):
-        raise CheckpointError(f"{path}: a LoRA for SDXL (it adapts a second text encoder); this model is "
-                              f"{FAMILY_WIDTHS.get(ours, f'a {ours}-wide model')}")
+        raise CheckpointError(f"{path}: a LoRA for SDXL (it adapts a second text encoder); this model is {family}")
+    widths = ((r"attn2[._]to_[kv]$", ours), (r"(self_attn[._]q_proj|mlp[._]fc1)$", text_encoder.cfg.hidden_size))
     for key, tensor in data.items():
         split = _split_key(key)
-        if split and split[1] == "down" and re.search(r"attn2[._]to_[kv]$", split[0]) and tensor.ndim >= 2:
-            width = tensor.shape[1]
-            if width != ours:
-                theirs = FAMILY_WIDTHS.get(width, f"a {width}-wide text encoder")
-                raise CheckpointError(f"{path}: a LoRA for {theirs} (its cross-attention reads {width}-wide text "
-                                      f"embeddings); this model is {FAMILY_WIDTHS.get(ours, str(ours))} ({ours})")
+        if split is None or split[1] != "down" or tensor.ndim < 2:
+            continue
+        for pattern, expected in widths:
+            if re.search(pattern, split[0]) and tensor.shape[1] != expected:
+                width = tensor.shape[1]
+                theirs = FAMILY_WIDTHS.get(width, f"another family ({width}-wide text)")
+                ours_named = f" ({FAMILY_WIDTHS[expected]})" if expected in FAMILY_WIDTHS else ""
+                raise CheckpointError(f"{path}: a LoRA for {theirs}: its layer {split[0]!r} reads {width}-wide text "
+                                      f"embeddings, this model's reads {expected}{ours_named}")
 
 
 def _metadata_alphas(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
