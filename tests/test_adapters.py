@@ -204,7 +204,8 @@ def lora_file(path: Path, pipe, kind: str, seed: int = 0, unet: bool = True, tex
         for name, (down, up) in lora_layers(model, select, seed=seed).items():
             if kind == "kohya":
                 key = prefix + name.replace(".", "_")
-                sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+                sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                       f"{key}.alpha": torch.tensor(alpha)}
             else:
                 sd |= {f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up}
     save_file(sd, path)
@@ -266,23 +267,23 @@ def test_lora_several_and_exact_removal(tmp_path: Path, pair) -> None:
 
 
 def test_lora_table_spellings(tmp_path: Path, pair) -> None:
-    """kohya's LDM spelling (lora_unet_input_blocks_1_1_proj_in) and diffusers' old lora.down/up land on the same
-    modules as the diffusers spelling, with the same merged weights."""
+    """kohya's diffusers and LDM spellings (lora_unet_input_blocks_1_1_proj_in), PEFT's and diffusers' old
+    lora.down/up, each with an alpha: the same module, W + (alpha / r) B @ A."""
     _, ours = pair
-    down, up = lora_layers(ours.unet, lambda n: n == "down_blocks.0.attentions.0.proj_in")["down_blocks.0"
-                                                                                            ".attentions.0.proj_in"]
-    results = []
-    for data in ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down,
-                  "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": up},
-                 {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
-                  "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up},
-                 {"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": down,
-                  "unet.down_blocks.0.attentions.0.proj_in.lora.up.weight": up}):
+    name = "down_blocks.0.attentions.0.proj_in"
+    down, up = lora_layers(ours.unet, lambda n: n == name)[name]
+    original = ours.unet.get_submodule(name).weight.detach().clone()
+    alpha = torch.tensor(2.0)
+    for layer, (a, b) in {"lora_unet_down_blocks_0_attentions_0_proj_in": ("lora_down", "lora_up"),
+                          "lora_unet_input_blocks_1_1_proj_in": ("lora_down", "lora_up"),
+                          f"unet.{name}": ("lora_A", "lora_B"),
+                          f"unet.{name}.lora": ("down", "up")}.items():
+        data = {f"{layer}.{a}.weight": down, f"{layer}.{b}.weight": up, f"{layer.removesuffix('.lora')}.alpha": alpha}
         save_file(data, tmp_path / "x.safetensors")
         ours.load_lora_weights(tmp_path / "x.safetensors")
-        results.append(ours.unet.down_blocks[0].attentions[0].proj_in.weight.clone())
+        expected = original + (2.0 / 4) * (up.flatten(1) @ down.flatten(1)).view(original.shape)
+        assert_rel(ours.unet.get_submodule(name).weight, expected, TOL, layer)
         ours.unload_lora_weights()
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 def test_lora_bad_files(tmp_path: Path, pair) -> None:

@@ -1,12 +1,13 @@
 """LoRA files -> `ldm.lora.Adapter`: every key of the file mapped onto one of our modules, or an error.
 
 A LoRA file names, for each adapted layer, a down matrix A, an up matrix B and optionally a scalar alpha. The
-spellings (all of them read; one file may mix the two halves, e.g. kohya UNet + kohya text encoder):
-| writer | layer name | A / B / alpha |
-|---|---|---|
-| kohya sd-scripts, A1111 | `lora_unet_` + diffusers module path with `_` for `.` (`lora_unet_down_blocks_0_attentions_0_proj_in`); older files the original LDM path (`lora_unet_input_blocks_1_1_proj_in`); `lora_te_` / `lora_te1_` + the text encoder's path | `.lora_down.weight` / `.lora_up.weight` / `.alpha` |
-| diffusers / PEFT | `unet.` / `text_encoder.` + module path | `.lora_A.weight` / `.lora_B.weight` / `.alpha` (optional) |
-| diffusers < 0.20 | the same | `.lora.down.weight` / `.lora.up.weight` |
+spellings (all of them read; one file may mix them, e.g. kohya UNet + kohya text encoder):
+- kohya sd-scripts, A1111: `lora_unet_` + the diffusers module path with `_` for `.`
+  (`lora_unet_down_blocks_0_attentions_0_proj_in`), or in older files the original LDM path
+  (`lora_unet_input_blocks_1_1_proj_in`); `lora_te_` / `lora_te1_` + the text encoder's path;
+  then `.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+- diffusers / PEFT: `unet.` / `text_encoder.` + module path, then `.lora_A.weight` / `.lora_B.weight` / `.alpha`
+  (optional); diffusers < 0.20: `.lora.down.weight` / `.lora.up.weight`.
 A file without alphas means alpha = r (scale 1), except where a diffusers file's `lora_adapter_metadata` gives
 peft's `lora_alpha` (and `alpha_pattern`) per component, which it then follows as diffusers does.
 
