@@ -23,6 +23,7 @@ from ldm.research.weighting import apply_emphasis
 from tests.helpers import assert_rel, rel_err
 from tests.test_pipeline import LATENT_TOL, pipelines, run_ref, tiny  # noqa: F401 - tiny is a fixture
 from weights_convert.adapter_files import read_embedding
+from weights_convert.lora import lora_module_table
 from weights_convert.safetensors_file import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -284,6 +285,11 @@ def test_lora_table_spellings(tmp_path: Path, pair) -> None:
         expected = original + (2.0 / 4) * (up.flatten(1) @ down.flatten(1)).view(original.shape)
         assert_rel(ours.unet.get_submodule(name).weight, expected, TOL, layer)
         ours.unload_lora_weights()
+    table = lora_module_table(ours.unet, ours.text_encoder)  # the text encoder's three spellings
+    assert table["text_encoder.encoder.layers.0.self_attn.q_proj"] == table[
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"] == table[
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"] == ("text_encoder",
+                                                                   "text_model.encoder.layers.0.self_attn.q_proj")
 
 
 def test_lora_bad_files(tmp_path: Path, pair) -> None:

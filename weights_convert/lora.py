@@ -58,6 +58,8 @@ def lora_module_table(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tup
         for prefix, comp, joiner in PREFIXES:
             if comp == component:
                 table.update({prefix + n.replace(".", joiner): (component, n) for n in names})
+        if component == "text_encoder":  # transformers 5 writes CLIPTextModel's paths without `text_model.`
+            table.update({"text_encoder." + n.removeprefix("text_model."): (component, n) for n in names})
     table.update(_ldm_unet_names(unet))
     return table
 
