@@ -123,6 +123,8 @@ class SplicingTokenizer:
         self._pattern = re.compile("|".join(_word_pattern(w) for w in words), re.IGNORECASE)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "tokenizer":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)  # bos_id, eos_id, pad_id, decode, ...
 
     def encode(self, text: str) -> list[int]:

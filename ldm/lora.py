@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-COMPONENTS = ("unet", "text_encoder")
 _TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 
