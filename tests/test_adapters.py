@@ -421,6 +421,17 @@ def test_cli_bad_adapters_exit_2(tmp_path: Path, shapes, capsys, case: str) -> N
 # Full SD 1.5 shapes (slow): the official configs, trained-like random weights
 
 
+def ref_pipeline(cls, text_encoder, tokenizer, unet=None):
+    """A diffusers pipeline around full-size parts; the parts these tests do not run (VAE, maybe UNet) tiny."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from tests.test_pipeline import UNET, VAE
+
+    return cls(vae=AutoencoderKL(**VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+               unet=unet if unet is not None else UNet2DConditionModel(**UNET), scheduler=DDIMScheduler(),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 @pytest.mark.slow
 def test_full_shape_sd15_embedding_matches_diffusers(tmp_path: Path) -> None:
     """A 3-vector 768-wide embedding in CLIP ViT-L/14: the same prompt embeddings as diffusers' loader."""
@@ -436,9 +447,8 @@ def test_full_shape_sd15_embedding_matches_diffusers(tmp_path: Path) -> None:
     text = ldm.CLIPTextModel(CLIPTextConfig.from_transformers(config)).eval()
     text.load_state_dict(ref_text.state_dict(), strict=True)
     save_file({WORD: vectors(3, 768, seed=2)}, tmp_path / "emb.safetensors")
-    ref = RefPipeline.__new__(RefPipeline)  # only its prompt encoding is used: no UNet or VAE at this size
-    ref.text_encoder, ref.tokenizer = ref_text, CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15")
-    ref.load_textual_inversion(str(tmp_path / "emb.safetensors"), tokenizer=ref.tokenizer, text_encoder=ref_text)
+    ref = ref_pipeline(RefPipeline, ref_text, CLIPTokenizer.from_pretrained(TOKENIZER_DIR / "sd15"))
+    ref.load_textual_inversion(str(tmp_path / "emb.safetensors"))
     from ldm.embeddings import TextualInversion
     from ldm.research.weighting import encode_prompt
 
@@ -477,11 +487,9 @@ def test_full_shape_sd15_lora_matches_diffusers(tmp_path: Path) -> None:
     Parts.unet.load_state_dict(ref_unet.state_dict(), strict=True)
     Parts.text_encoder.load_state_dict(ref_text.state_dict(), strict=True)
     path = lora_file(tmp_path / "full.safetensors", Parts, "kohya")
-    ref = RefPipeline.__new__(RefPipeline)
-    ref.unet, ref.text_encoder = ref_unet, ref_text
-    ref.register_to_config = lambda **kw: None
-    RefPipeline.load_lora_weights(ref, str(path), adapter_name="full")
-    RefPipeline.fuse_lora(ref, lora_scale=0.8)
+    ref = ref_pipeline(RefPipeline, ref_text, None, ref_unet)
+    ref.load_lora_weights(str(path), adapter_name="full")
+    ref.fuse_lora(lora_scale=0.8)
     from ldm.lora import LoRAMerger
     from weights_convert.lora import read_lora
 
