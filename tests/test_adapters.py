@@ -504,3 +504,15 @@ def test_full_shape_sd15_lora_matches_diffusers(tmp_path: Path) -> None:
     sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
     with torch.no_grad():
         assert_rel(Parts.unet(sample, 500, context), ref_unet(sample, 500, context).sample, 1e-5, "UNet")
+
+
+def test_clip_inputs_embeds(tiny) -> None:  # noqa: F811
+    """CLIPTextModel(ids, inputs_embeds=table(ids)) is the plain call, bit for bit; a wrong shape is refused."""
+    text = tiny.text[1]
+    ids = tiny.tokenizer[1](["a photo of a cat"])
+    with torch.no_grad():
+        plain = text(ids).last_hidden_state
+        spliced = text(ids, inputs_embeds=text.text_model.embeddings.token_embedding(ids)).last_hidden_state
+    assert torch.equal(plain, spliced)
+    with pytest.raises(ValueError, match="inputs_embeds must have shape"):
+        text(ids, inputs_embeds=torch.zeros(1, 77, 8))
