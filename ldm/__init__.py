@@ -25,7 +25,8 @@ _EXPORTS = {
     "load_pipeline": "weights_convert.load",
 }
 _SUBMODULES = {"attention", "config", "schedulers", "research", "pipeline", "unet", "vae", "clip", "tokenizer",
-               "optimize", "upscale"}
+               "optimize", "upscale",
+               "adapters", "embeddings", "lora"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 __version__ = "0.1.0"

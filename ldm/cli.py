@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-maps", metavar="DIR", default=None,
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
     g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    g.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="a textual inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds): its word "
+                        "(the file stem, or the diffusers file's token) in the prompts stands for its vectors; "
+                        "repeatable")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT) merged at SCALE (default 1); repeatable")
+    g.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where A1111 prompt tags <lora:NAME:SCALE> find NAME.safetensors (or .pt, .bin)")
+
     from ldm import upscale_cli  # `ldm upscale` and the --hires-* options live in ldm/upscale_cli.py
 
     upscale_cli.add_hires_arguments(g)
@@ -117,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_arguments(t)
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     t.set_defaults(run=train_cli.run)
+
+    from ldm.train import embedding_cli  # `ldm train-embedding`: ldm/train/embedding_cli.py
+
+    e = commands.add_parser("train-embedding", help="teach the shapes model a new word (textual inversion, CPU)",
+                            description="Learn a word's vectors from images of a new concept (default: orange "
+                                        "shapes), everything else frozen; writes an A1111 / diffusers embedding.")
+    embedding_cli.add_arguments(e)
+    e.set_defaults(run=embedding_cli.run)
     return parser
 
 
@@ -180,6 +197,7 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
                          f"--hires-model with another model)")
 
+    _load_adapters(pipe, args)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.attention_chunk is not None:
@@ -252,7 +270,7 @@ def _write_images(args: argparse.Namespace, stamp: dict[str, Any], outputs: list
     """Write one batch's PNGs with their parameters; returns how many. A failed write (a full disk) removes its
     temporary file and raises a UsageError naming the file; the images already written stay, each complete."""
     for path, image, image_seed in zip(outputs, result.images, result.seeds):
-        text = a1111_parameters(args.prompt, seed=image_seed, width=size[0], height=size[1], **stamp)
+        text = a1111_parameters(getattr(args, "prompt_as_given", args.prompt), seed=image_seed, width=size[0], height=size[1], **stamp)
         try:
             save_png(image, path, parameters=text, overwrite=args.overwrite)
         except FileExistsError:
@@ -353,6 +371,7 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
 
     check_hires_args(args)
     _check_model(args)
+    _check_adapters(args)
     maps = None if args.attention_maps is None else Path(args.attention_maps)
     if maps is not None and maps.exists() and not maps.is_dir():
         raise UsageError(f"--attention-maps: {str(maps)!r} is a file, not a folder")
@@ -396,6 +415,56 @@ def _check_model(args: argparse.Namespace) -> None:
     for flag, value in (("--model", args.model), ("--vae", args.vae)):
         if value is not None and not os.path.exists(value) and not _looks_like_hub_id(value):
             raise UsageError(f"{flag}: no such file or folder {value!r}")
+
+
+def _check_adapters(args: argparse.Namespace) -> None:
+    """--embedding, --lora and the prompt's <lora:NAME:SCALE> tags: files found and scales read, before any load.
+    The tags leave the prompt the model sees (args.prompt); the PNG's parameters keep them (args.prompt_as_given)."""
+    from ldm.lora import parse_lora_tags
+
+    args.prompt_as_given = args.prompt
+    try:
+        args.prompt, tags = parse_lora_tags(args.prompt)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    args.loras = [_lora_arg(value) for value in args.lora]
+    if tags and args.lora_dir is None:
+        raise UsageError(f"the prompt names <lora:{tags[0][0]}:...>: give --lora-dir, the folder that holds it")
+    for name, scale in tags:
+        found = [Path(args.lora_dir) / f"{name}{suffix}" for suffix in (".safetensors", ".pt", ".bin", ".ckpt")]
+        found = [path for path in found if path.is_file()]
+        if not found:
+            raise UsageError(f"<lora:{name}:...>: no {name}.safetensors (.pt, .bin, .ckpt) in --lora-dir "
+                             f"{args.lora_dir!r}")
+        args.loras.append((str(found[0]), scale))
+    for path in args.embedding:
+        if not os.path.isfile(path):
+            raise UsageError(f"--embedding: no such file {path!r}")
+
+
+def _lora_arg(value: str) -> tuple[str, float]:
+    """PATH or PATH:SCALE (a path may hold colons itself: the tail is a scale only if it reads as a number)."""
+    path, _, tail = value.rpartition(":")
+    try:
+        scale = float(tail) if path else None
+    except ValueError:
+        scale = None
+    if scale is None:
+        path, scale = value, 1.0
+    if not os.path.isfile(path):
+        raise UsageError(f"--lora: no such file {path!r}")
+    return path, scale
+
+
+def _load_adapters(pipe: Any, args: argparse.Namespace) -> None:
+    """Load the --embedding files and merge the LoRAs; a bad file is a usage error (exit 2)."""
+    try:
+        for path in args.embedding:
+            pipe.load_textual_inversion(path)
+        for i, (path, scale) in enumerate(args.loras):
+            pipe.load_lora_weights(path, adapter_name=f"{i}:{Path(path).stem}", weight=scale)
+    except (ValueError, OSError) as e:
+        raise UsageError(_one_line(e)) from None
 
 
 def _looks_like_hub_id(value: str) -> bool:

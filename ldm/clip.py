@@ -58,10 +58,12 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         # transformers keeps a `position_ids` buffer (arange); positions are always 0..S-1, so we slice the table.
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, S) int -> (B, S, D)."""
+    def forward(self, input_ids: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
+        """(B, S) int -> (B, S, D). inputs_embeds (B, S, D): token embeddings to use instead of the table's
+        (transformers' name; textual inversion splices its vectors there, ldm/embeddings.py)."""
         S = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:S]  # (B, S, D)
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, D)
+        return tokens + self.position_embedding.weight[:S]  # (B, S, D)
 
 
 class CLIPAttention(AttentionLayer):
@@ -148,13 +150,19 @@ class CLIPTextModel(nn.Module):
         """The last norm, for clip_skip: `final_layer_norm(out.hidden_states[-1 - k])`."""
         return self.text_model.final_layer_norm
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> CLIPTextOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> CLIPTextOutput:
         """input_ids (B, S) integer token ids -> CLIPTextOutput.
 
         attention_mask: optional (B, S) padding mask, 1 = real token, 0 = padding (as in transformers). Stable
         Diffusion passes none: padding tokens attend causally like any other token.
+        inputs_embeds: optional (B, S, D) token embeddings used instead of looking input_ids up (textual
+        inversion); input_ids still give the shape and the EOS position of the pooled output.
         """
         self._check_ids(input_ids)
+        if inputs_embeds is not None and inputs_embeds.shape != (*input_ids.shape, self.cfg.hidden_size):
+            raise ValueError(f"CLIPTextModel: inputs_embeds must have shape {(*input_ids.shape, self.cfg.hidden_size)}"
+                             f", got {tuple(inputs_embeds.shape)}")
         B, S = input_ids.shape
         # The causal mask: token i sees tokens 0..i only (the tower was trained as a left-to-right model).
         mask = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()  # (S, S), True = attend
@@ -162,7 +170,7 @@ class CLIPTextModel(nn.Module):
             self._check_mask(attention_mask, input_ids)
             mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, S, S): padded keys are hidden
 
-        x = self.text_model.embeddings(input_ids)  # (B, S, D)
+        x = self.text_model.embeddings(input_ids, inputs_embeds)  # (B, S, D)
         hidden_states = [x]
         for layer in self.text_model.encoder.layers:
             x = layer(x, mask)  # (B, S, D)

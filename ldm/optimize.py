@@ -172,13 +172,14 @@ class PromptCache:
         self._entries.clear()
 
     def __call__(self, encode: Callable[..., Any], text_encoder: nn.Module, tokenizer: Any, prompts: list[str],
-                 negatives: list[str] | None, clip_skip: int | None, weighting: bool) -> Any:
-        """encode(prompts, negatives, clip_skip, weighting), or its cached result for the same key."""
+                 negatives: list[str] | None, clip_skip: int | None, weighting: bool, *, extra: Any = None) -> Any:
+        """encode(prompts, negatives, clip_skip, weighting), or its cached result for the same key. extra: any
+        other hashable state the encoding depends on (the loaded textual inversion embeddings)."""
         if self.size <= 0:
             return encode(prompts, negatives, clip_skip, weighting)
         weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in text_encoder.parameters())
         key = (tuple(prompts), None if negatives is None else tuple(negatives), clip_skip, weighting,
-               id(text_encoder), id(tokenizer), weights)
+               id(text_encoder), id(tokenizer), weights, extra)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]

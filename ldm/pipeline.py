@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ldm import schedulers
 from ldm.attention import set_attention_chunk
+from ldm.adapters import AdapterMixin, LoRAMerger, TextualInversion
 from ldm.config import FamilyPreset
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
 from ldm.limits import check_generation
@@ -55,7 +56,7 @@ class PipelineOutput:
     steps_run: int  # denoising steps taken (fewer than asked when the callback stopped the run)
 
 
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inversion, load_lora_weights, ...
     """The loaded parts of a model and the three ways to run them: `pipe(...)`, `pipe.img2img`, `pipe.inpaint`.
 
     Built by `ldm.load_pipeline`, or from parts as a diffusers user composes one:
@@ -85,6 +86,8 @@ class StableDiffusionPipeline:
         self._prompt_cache = PromptCache(size=8)
         self._warned_vae_upcast = False
         self.levers = None  # the ldm.optimize.Levers pulled by optimize(), None on the eager pipeline
+        self.textual_inversion = TextualInversion()  # loaded embeddings (ldm/embeddings.py)
+        self.lora = LoRAMerger()  # loaded LoRAs, merged into the weights (ldm/lora.py)
         if optimize:
             self.optimize()
 
@@ -339,7 +342,8 @@ class StableDiffusionPipeline:
         clip_skip=n: the n-th-from-last layer's hidden states through the final layer norm (n=1 is the usual
         output). diffusers' clip_skip=k is ours k + 1.
         """
-        return encode_weighted(self.tokenizer, self.text_encoder, prompts, clip_skip, weighting)
+        tokenizer = self.textual_inversion.wrap(self.tokenizer)  # splices loaded embeddings (ldm/embeddings.py)
+        return encode_weighted(tokenizer, self.text_encoder, prompts, clip_skip, weighting)
 
     # ------------------------------------------------------------------------------------------------------------
     # Shared preparation
@@ -388,7 +392,8 @@ class StableDiffusionPipeline:
         # prompts to theirs), each row repeated num_images_per_prompt times.
         guided = guidance_scale > 1
         cond, uncond = self._prompt_cache(self._encode_prompts, self.text_encoder, self.tokenizer, prompts,
-                                          negatives if guided else None, clip_skip, weighting)
+                                          negatives if guided else None, clip_skip, weighting,
+                                          extra=self.textual_inversion.state)
         if guided:
             context = torch.cat([uncond.repeat_interleave(n_per_prompt, dim=0),
                                  cond.repeat_interleave(n_per_prompt, dim=0)])  # (2B, S, D)
@@ -402,7 +407,8 @@ class StableDiffusionPipeline:
         """(cond, uncond) text contexts; uncond is None without negatives (no guidance)."""
         if negatives is None:
             return self.encode_prompt(prompts, clip_skip, weighting), None
-        return encode_prompt_pair(self.tokenizer, self.text_encoder, prompts, negatives, clip_skip, weighting)
+        tokenizer = self.textual_inversion.wrap(self.tokenizer)  # splices loaded embeddings (ldm/embeddings.py)
+        return encode_prompt_pair(tokenizer, self.text_encoder, prompts, negatives, clip_skip, weighting)
 
     @property
     def prompt_cache_size(self) -> int:

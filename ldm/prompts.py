@@ -203,11 +203,14 @@ def apply_emphasis(z: Tensor, weights: Tensor, restore_mean: bool = True) -> Ten
     return out
 
 
-def _hidden_states(text_encoder: nn.Module, ids: Tensor, clip_skip: int | None) -> Tensor:
+def _hidden_states(text_encoder: nn.Module, ids: Tensor, clip_skip: int | None, tokenizer: object = None) -> Tensor:
     """The context the UNet reads, as the pipeline's `encode_prompt` computes it: the last hidden state, or with
     clip_skip=n >= 2 the final layer norm applied to the n-th-from-last layer's output (A1111's numbering: 1 is the
     last layer; diffusers' clip_skip=k is n = k + 1)."""
-    out = text_encoder(ids)
+    # Textual inversion hook (ldm/embeddings.py): a tokenizer that splices embeddings turns its placeholder ids into
+    # the loaded vectors (the text encoder's inputs_embeds); any other tokenizer leaves the ids to the encoder's table.
+    splice = getattr(tokenizer, "splice", None)
+    out = text_encoder(ids) if splice is None else text_encoder(**splice(text_encoder, ids))
     if clip_skip is None or clip_skip == 1:
         return out.last_hidden_state  # (N, 77, D)
     layers = len(out.hidden_states) - 1
@@ -252,7 +255,7 @@ def encode_prompt(
     ids = torch.tensor([i for i, _ in laid_out], dtype=torch.long, device=device)  # (B, S)
     weights = torch.tensor([w for _, w in laid_out], dtype=torch.float32)  # (B, S)
 
-    z = _hidden_states(text_encoder, ids.view(B * k, CHUNK + 2), clip_skip)  # (B*k, 77, D)
+    z = _hidden_states(text_encoder, ids.view(B * k, CHUNK + 2), clip_skip, tokenizer)  # (B*k, 77, D)
     z = apply_emphasis(z, weights.view(B * k, CHUNK + 2))
     return z.reshape(B, S, z.shape[-1])  # (B, 77*k, D): chunks of a prompt side by side
 

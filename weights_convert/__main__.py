@@ -4,6 +4,7 @@
     python -m weights_convert inspect FILE_OR_FOLDER [--allow-pickle]  family, components, dtypes, parameters, unknowns
     python -m weights_convert export SRC OUT_DIR [--family F] [--dtype fp16] [--variant fp16] [--ema] [--vae V]
     python -m weights_convert docs [--out docs/key_mapping.md]        the learners' page, block by block
+    python -m weights_convert lora-table [--family sd15]               LoRA layer names -> our modules
 
 Errors print one line and exit with status 2 (Ctrl-C: 130); `--debug` or LDM_DEBUG=1 shows the traceback.
 """
@@ -181,6 +182,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def lora_table(family: str) -> str:
+    """The LoRA module table of a family (weights_convert/lora.py), built on the meta device: no weights."""
+    from ldm.clip import CLIPTextModel
+    from ldm.unet import UNet2DConditionModel
+    from weights_convert.lora import lora_module_table
+
+    preset = FAMILIES[family]
+    with torch.device("meta"):
+        table = lora_module_table(UNet2DConditionModel(preset.unet), CLIPTextModel(preset.text))
+    return "\n".join(f"{name}  ->  {component}: {module}" for name, (component, module) in sorted(table.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_convert", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also LDM_DEBUG=1)")
@@ -190,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     p = sub.add_parser("docs", help="write the learners' key-mapping page")
     p.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "key_mapping.md")
+    p = sub.add_parser("lora-table", help="print every LoRA layer name a file may use and the module it adapts")
+    p.add_argument("--family", default="sd15", choices=list(FAMILIES))
     p = sub.add_parser("inspect", help="report what a checkpoint file or diffusers folder holds")
     p.add_argument("path", type=Path)
     p.add_argument("--allow-pickle", action="store_true")
@@ -227,6 +242,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "docs":
         args.out.write_text(render_doc())
         print(f"wrote {args.out}")
+    elif args.command == "lora-table":
+        print(lora_table(args.family))
     elif args.command == "inspect":
         print(inspect(args.path, args.allow_pickle))
     else:

@@ -117,14 +117,17 @@ def _draw(draw: ImageDraw.ImageDraw, obj: Shape, fill: tuple[int, int, int] | in
         draw.polygon(((cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)), fill=fill)
 
 
-def render(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The scene as an image (H, W, 3) uint8 and its object masks (n, H, W) bool, anti-aliased by supersampling."""
+def render(scene: Scene, size: int,
+           palette: dict[str, tuple[int, int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The scene as an image (H, W, 3) uint8 and its object masks (n, H, W) bool, anti-aliased by supersampling.
+    palette: colour name -> RGB (default COLOURS; ldm/train/embedding.py draws colours the model never saw)."""
+    palette = COLOURS if palette is None else palette
     k = SUPERSAMPLE
     canvas = Image.new("RGB", (size * k, size * k), scene.background)
     draw = ImageDraw.Draw(canvas)
     masks = []
     for obj in scene.objects:
-        _draw(draw, obj, COLOURS[obj.colour], k)
+        _draw(draw, obj, palette[obj.colour], k)
         mask = Image.new("L", (size * k, size * k), 0)
         _draw(ImageDraw.Draw(mask), obj, 255, k)
         masks.append(np.asarray(mask.resize((size, size), Image.BOX)) >= 128)
