@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = commands.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
                             description="Generate images and write them as PNGs with their generation parameters.")
-    g.add_argument("prompt", help="what to draw")
+    g.add_argument("prompt", nargs="?", default=None, help="what to draw (or --prompts FILE --outdir DIR)")
     g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, or a hub id (from the local "
                                    "huggingface_hub cache); default: the packaged 64x64 shapes model")
     g.add_argument("--out", default=None, help="output PNG; with --num-images N: OUT-0.png ... OUT-(N-1).png "
@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory where the full score matrix would be built, more kernel calls (e.g. 1024)")
     g.add_argument("--attention-maps", metavar="DIR", default=None,
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
+    batch = g.add_argument_group("batch generation (ldm/batch.py, docs/scale.md; under torchrun: one shard per rank)")
+    batch.add_argument("--prompts", metavar="FILE", default=None,
+                       help="a text file (one prompt a line) or JSONL (prompt, negative_prompt, seed, steps, "
+                            "guidance, width, height, scheduler per line); image k gets seed SEED + k")
+    batch.add_argument("--outdir", metavar="DIR", default=None,
+                       help="where the images, job.json and manifest.jsonl go; a rerun resumes the job")
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help="images per forward among lines that share settings (default 1; part of the job)")
     g.set_defaults(run=generate)
 
     from ldm import inspect  # the layer tables of `ldm inspect MODEL` live with their code in ldm/inspect.py
@@ -119,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    if args.prompts is not None or args.outdir is not None or args.batch_size is not None:
+        from ldm import batch  # batch generation, one process or torchrun's many
+
+        return batch.run(args)
+    if args.prompt is None:
+        raise UsageError("give a PROMPT, or --prompts FILE --outdir DIR for a batch")
     outputs = _check_args(args)
     import torch  # after the checks: a usage error answers fast
 
