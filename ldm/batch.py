@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,8 +163,13 @@ def _check_outdir(outdir: Path) -> None:
     existing = outdir
     while not existing.exists():  # the folder is made later: its nearest existing parent must take it
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--outdir: {str(existing)!r} is not writable")
+    if not existing.is_dir():
+        raise UsageError(f"--outdir: {str(existing)!r} is a file, not a folder")
+    try:  # a real probe: os.access says yes to root even on a read-only file system
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"--outdir: cannot write in {str(existing)!r} ({_one_line(e)})") from None
 
 
 def plan_items(rows: list[dict[str, Any]], seed: int, num_images: int) -> list[Item]:

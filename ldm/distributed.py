@@ -17,6 +17,7 @@ gradient all-reduce on CUDA GPUs.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -124,3 +125,18 @@ def mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / dist.get_world_size()
+
+
+def join(backend: str = "gloo", timeout_minutes: float = 60.0) -> Topology:
+    """process_group() for code that owns no with-block (the Trainer): join torchrun's group now if it set one up
+    and none is live, and leave it when the interpreter exits. Returns this process's place."""
+    topo = topology()
+    if topo.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        atexit.register(_leave)
+    return topology()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
