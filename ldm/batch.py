@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm import distributed
-from ldm.cli import SCHEDULERS, UsageError, _check_model, _model_name, _one_line, _SCHEDULER_NAMES
+from ldm.cli import SCHEDULERS, UsageError, _check_model, _model_name, _one_line, _SCHEDULER_NAMES, load_model
 from ldm.images import a1111_parameters, model_hash, save_png
 
 JSONL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "scheduler")
@@ -304,7 +304,10 @@ def _rows_written(outdir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """`ldm generate --prompts FILE --outdir DIR` on this process (one of torchrun's ranks, or alone)."""
-    topo = distributed.topology()
+    try:
+        topo = distributed.topology()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         check_args(args)
         rows = read_prompts(args.prompts, args)
@@ -312,17 +315,23 @@ def run(args: argparse.Namespace) -> int:
         device, dtype_name = _device_dtype(args, topo)
         with distributed.process_group("gloo") as topo:  # coordination only: small Python objects, CPU is enough
             return _run_job(args, topo, rows, sha, device, dtype_name)
-    except UsageError:
+    except UsageError as e:
         if topo.is_main:
             raise
-        return 2  # every rank finds the same mistake: rank 0 alone says it
+        if isinstance(e, _RankError):  # this rank's own trouble (its GPU): it says so itself
+            print(f"ldm generate: error: rank {topo.rank}: {e}", file=sys.stderr)
+        return 2  # the mistakes every rank finds alike: rank 0 alone says them
+
+
+class _RankError(UsageError):
+    """A usage error that may strike one rank and not the others (its device)."""
 
 
 def _device_dtype(args: argparse.Namespace, topo: distributed.Topology) -> tuple[Any, str]:
     try:
         device = distributed.device_for(args.device, topo)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise _RankError(str(e)) from None
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if dtype_name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
@@ -368,21 +377,11 @@ def _run_job(args: argparse.Namespace, topo: distributed.Topology, rows: list[di
 def _load(args: argparse.Namespace, device: Any, dtype_name: str) -> Any:
     import torch
 
-    import ldm
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    try:
-        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
-                                 allow_pickle=args.allow_pickle)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
-    if args.vae_tiling:
-        pipe.enable_vae_tiling()
-    if args.attention_chunk is not None:
-        pipe.enable_attention_chunking(args.attention_chunk)
-    if args.optimize:
+    pipe = load_model(args, device, dtype)
+    if args.optimize:  # the levers without the single-image command's compile warm-up
         pipe.optimize()
     return pipe
 

@@ -136,7 +136,6 @@ def generate(args: argparse.Namespace) -> int:
     outputs = _check_args(args)
     import torch  # after the checks: a usage error answers fast
 
-    import ldm
     from ldm.research import AttentionStore, save_attention_maps, use_processor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,16 +148,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    try:
-        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
-                                 allow_pickle=args.allow_pickle)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
-
-    if args.vae_tiling:
-        pipe.enable_vae_tiling()
-    if args.attention_chunk is not None:
-        pipe.enable_attention_chunking(args.attention_chunk)
+    pipe = load_model(args, device, dtype)
     if args.optimize:
         _optimize(pipe, args)
 
@@ -198,6 +188,23 @@ def generate(args: argparse.Namespace) -> int:
                                         weighting=args.weighting):
             print(path)
     return 0
+
+
+def load_model(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
+    """load_pipeline with the command's model options and memory switches (--vae-tiling, --attention-chunk);
+    a model that does not load is a UsageError. Shared with batch generation (ldm/batch.py)."""
+    import ldm
+
+    try:
+        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
+                                 allow_pickle=args.allow_pickle)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    if args.attention_chunk is not None:
+        pipe.enable_attention_chunking(args.attention_chunk)
+    return pipe
 
 
 def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[Any, tuple[int, int]]:

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted at step {trainer.step}; the last checkpoint is {trainer.checkpoint_path} "
               f"(continue with --resume)", file=sys.stderr)
         return 130
-    print(f"model written to {model}")
+    if model is not None:  # under torchrun, rank 0's (the other ranks write nothing)
+        print(f"model written to {model}")
     return 0
 
 
