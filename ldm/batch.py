@@ -294,8 +294,27 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _rows_written(outdir: Path) -> int:
-    return sum(len(read_rows(p)) for p in outdir.iterdir() if _PART.match(p.name))
+class _RowCounter:
+    """Rows the ranks have appended to their part files so far (rank 0's progress bar over the whole job).
+
+    Reads only what was added since the last call, so a long job costs no more per batch than a short one."""
+
+    def __init__(self, outdir: Path, world_size: int) -> None:
+        self.parts = [outdir / f"manifest.rank-{r}.jsonl" for r in range(world_size)]
+        self.seen = {p: (0, 0) for p in self.parts}  # bytes read, whole lines counted
+
+    def __call__(self) -> int:
+        for path in self.parts:
+            offset, lines = self.seen[path]
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except FileNotFoundError:
+                continue
+            whole = chunk.rfind(b"\n") + 1  # a line being written is counted once it ends
+            self.seen[path] = (offset + whole, lines + chunk[:whole].count(b"\n"))
+        return sum(lines for _, lines in self.seen.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,7 +413,7 @@ def _generate(pipe: Any, args: argparse.Namespace, topo: distributed.Topology, m
     part = outdir / f"manifest.rank-{topo.rank}.jsonl"
     static = _static_fields(pipe, args, topo)
     bar = tqdm(total=missing, desc="images", unit="img", file=sys.stderr, disable=None if topo.is_main else True)
-    shown = 0  # rows the bar shows (a disabled bar counts nothing)
+    shown, count = 0, _RowCounter(outdir, topo.world_size)  # rows the bar shows (a disabled bar counts nothing)
     try:
         for batch in mine:
             images = _run_batch(pipe, args, batch)
@@ -405,16 +424,15 @@ def _generate(pipe: Any, args: argparse.Namespace, topo: distributed.Topology, m
                 row = _row(item, name, image.size, static)
                 save_png(image, outdir / name, parameters=row["parameters"], overwrite=True)
                 _append_row(part, row)
-            shown = _show(bar, outdir, shown) if topo.is_main else shown
+            shown = _show(bar, count(), shown) if topo.is_main else shown
         while topo.is_main and shown < missing:  # the other ranks' last batches
             time.sleep(0.2)
-            shown = _show(bar, outdir, shown)
+            shown = _show(bar, count(), shown)
     finally:
         bar.close()
 
 
-def _show(bar: Any, outdir: Path, shown: int) -> int:
-    written = _rows_written(outdir)
+def _show(bar: Any, written: int, shown: int) -> int:
     bar.update(written - shown)
     return written
 

@@ -391,9 +391,9 @@ class Trainer:
         if not self.topo.is_main:
             return
         losses = self.history.vae + self.history.unet
-        record = {"event": event, "step": self.step, "stage": self._stage_built or self.stage, "loss": losses[-1] if losses else None,
-                  "seconds": round(self.history.seconds, 3), **self._parallelism(),
-                  "global_batch": {"vae": self.cfg.vae_batch_size, "unet": self.cfg.batch_size}}
+        record = {"event": event, "step": self.step, "stage": self._stage_built or self.stage,
+                  "loss": losses[-1] if losses else None, "seconds": round(self.history.seconds, 3),
+                  **self._parallelism(), "global_batch": {"vae": self.cfg.vae_batch_size, "unet": self.cfg.batch_size}}
         with open(self.out / LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
