@@ -6,7 +6,7 @@
 FILE: a text file, one prompt a line (blank lines skipped), or JSONL (a `.jsonl` / `.ndjson` name, or a first line
 that starts with `{`): one object a line with `prompt` and optionally `negative_prompt`, `seed`, `steps`,
 `guidance`, `width`, `height`, `scheduler`; everything else comes from the command line. Every line is read and
-checked before the model loads: a bad line is an error naming FILE:LINE (exit 2), and nothing is written.
+checked before the model loads: a bad line is an error naming the file and the line (exit 2), and nothing is written.
 
 Image k (the k-th line's j-th image with --num-images N: k = line * N + j) is fixed by its index: its seed is
 `--seed S` + k (a line's own `seed` s gives s + j), its file `DIR/<k>-<slug>.png`, its batch is planned from the
@@ -96,7 +96,7 @@ def read_prompts(path: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     width=args.width, height=args.height, scheduler=args.scheduler)
     rows = []
     for n, line in lines:
-        fields = _parse_line(line, f"{path}:{n}") if jsonl else {"prompt": line}
+        fields = _parse_line(line, f"--prompts {path}, line {n}") if jsonl else {"prompt": line}
         rows.append({**defaults, **fields, "line": n})
     return rows
 

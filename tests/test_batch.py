@@ -1,6 +1,6 @@
 """Batch generation (`ldm generate --prompts FILE --outdir DIR`, ldm/batch.py) on the packaged shapes model: one
 process and two (torchrun, gloo on the CPU) give byte-identical PNGs; a run whose rank is killed midway finishes
-on a rerun with every image exactly once and a correct manifest; bad input is one line naming FILE:LINE, exit 2,
+on a rerun with every image exactly once and a correct manifest; bad input is one line naming the file and line, exit 2,
 before any work (no model load, no folder made).
 
 Byte identity is asserted with equal bytes, not a tolerance: every image's seed and batch are fixed by its index
@@ -218,12 +218,12 @@ def test_plan_seeds_by_index_and_batches_by_shared_settings():
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a cat", "steps": 4', "prompts.jsonl:3: not valid JSON"),
-    ('{"prompt": "a cat", "stpes": 4}', "prompts.jsonl:3: unknown key 'stpes'"),
-    ('{"negative_prompt": "x"}', "prompts.jsonl:3: \"prompt\" must be given"),
-    ('{"prompt": "a cat", "width": 60}', "prompts.jsonl:3: \"width\" must be a multiple of 8"),
-    ('{"prompt": "a cat", "scheduler": "heun"}', "prompts.jsonl:3: \"scheduler\" must be one of"),
-    ('["a cat"]', "prompts.jsonl:3: expected a JSON object"),
+    ('{"prompt": "a cat", "steps": 4', "prompts.jsonl, line 3: not valid JSON"),
+    ('{"prompt": "a cat", "stpes": 4}', "prompts.jsonl, line 3: unknown key 'stpes'"),
+    ('{"negative_prompt": "x"}', "prompts.jsonl, line 3: \"prompt\" must be given"),
+    ('{"prompt": "a cat", "width": 60}', "prompts.jsonl, line 3: \"width\" must be a multiple of 8"),
+    ('{"prompt": "a cat", "scheduler": "heun"}', "prompts.jsonl, line 3: \"scheduler\" must be one of"),
+    ('["a cat"]', "prompts.jsonl, line 3: expected a JSON object"),
 ])
 def test_a_bad_line_is_named_before_any_work(tmp_path, capsys, monkeypatch, line, message):
     prompts = tmp_path / "prompts.jsonl"
