@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "guidance, width, height, scheduler per line); image k gets seed SEED + k")
     batch.add_argument("--outdir", metavar="DIR", default=None,
                        help="where the images, job.json and manifest.jsonl go; a rerun resumes the job")
-    batch.add_argument("--batch-size", type=int, default=None,
+    batch.add_argument("--batch-size", type=int, metavar="N", default=None,
                        help="images per forward among lines that share settings (default 1; part of the job)")
     g.set_defaults(run=generate)
 
