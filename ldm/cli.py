@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = commands.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
                             description="Generate images and write them as PNGs with their generation parameters.")
-    g.add_argument("prompt", help="what to draw")
+    g.add_argument("prompt", nargs="?", default=None, help="what to draw (or --prompts FILE --outdir DIR)")
     g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, or a hub id (from the local "
                                    "huggingface_hub cache); default: the packaged 64x64 shapes model")
     g.add_argument("--out", default=None, help="output PNG; with --num-images N: OUT-0.png ... OUT-(N-1).png "
@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA (kohya/A1111 or diffusers/PEFT) merged at SCALE (default 1); repeatable")
     g.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="where A1111 prompt tags <lora:NAME:SCALE> find NAME.safetensors (or .pt, .bin)")
+
+    batch = g.add_argument_group("batch generation (ldm/batch.py, docs/scale.md; under torchrun: one shard per rank)")
+    batch.add_argument("--prompts", metavar="FILE", default=None,
+                       help="a text file (one prompt a line) or JSONL (prompt, negative_prompt, seed, steps, "
+                            "guidance, width, height, scheduler per line); image k gets seed SEED + k")
+    batch.add_argument("--outdir", metavar="DIR", default=None,
+                       help="where the images, job.json and manifest.jsonl go; a rerun resumes the job")
+    batch.add_argument("--batch-size", type=int, metavar="N", default=None,
+                       help="images per forward among lines that share settings (default 1; part of the job)")
 
     from ldm import upscale_cli  # `ldm upscale` and the --hires-* options live in ldm/upscale_cli.py
 
@@ -181,27 +190,19 @@ def describe_error(e: BaseException) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
-    outputs = _check_args(args)
-    import torch  # after the checks: a usage error answers fast
+    if args.prompts is not None or args.outdir is not None or args.batch_size is not None:
+        from ldm import batch  # batch generation, one process or torchrun's many
 
-    import ldm
+        return batch.run(args)
+    if args.prompt is None:
+        raise UsageError("give a PROMPT, or --prompts FILE --outdir DIR for a batch")
+    outputs = _check_args(args)
+
     from ldm.research import AttentionStore, save_attention_maps, use_processor
 
     device, dtype = device_and_dtype(args)
-    try:
-        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
-                                 allow_pickle=args.allow_pickle)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
-    if getattr(pipe.family, "name", None) == "x4-upscaler":
-        raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
-                         f"--hires-model with another model)")
-
+    pipe = load_model(args, device, dtype)
     _load_adapters(pipe, args)
-    if args.vae_tiling:
-        pipe.enable_vae_tiling()
-    if args.attention_chunk is not None:
-        pipe.enable_attention_chunking(args.attention_chunk)
     if args.optimize:
         _optimize(pipe, args)
 
@@ -228,6 +229,26 @@ def generate(args: argparse.Namespace) -> int:
                                         weighting=args.weighting):
             print(path)
     return 0
+
+
+def load_model(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
+    """load_pipeline with the command's model options and memory switches (--vae-tiling, --attention-chunk);
+    a model that does not load is a UsageError. Shared with batch generation (ldm/batch.py)."""
+    import ldm
+
+    try:
+        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
+                                 allow_pickle=args.allow_pickle)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
+    if getattr(pipe.family, "name", None) == "x4-upscaler":
+        raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
+                         f"--hires-model with another model)")
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    if args.attention_chunk is not None:
+        pipe.enable_attention_chunking(args.attention_chunk)
+    return pipe
 
 
 def _images_per_batch(pipe: Any, args: argparse.Namespace) -> int:

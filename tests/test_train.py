@@ -216,7 +216,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         trainer.run(until=3, finish=False)
     assert trainer.checkpoint_path.read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.safetensors", "train_log.jsonl"]
     _, meta = load_state(trainer.checkpoint_path)
     assert meta["step"] == 2
 

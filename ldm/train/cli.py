@@ -69,7 +69,8 @@ def _train(args: argparse.Namespace, overrides: dict[str, int]) -> int:
         last = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else "none was written"
         return _error(f"cannot write {e.filename or trainer.out}: {e.strerror or e} at step {trainer.step}; the "
                       f"last complete checkpoint: {last}")
-    print(f"model written to {model}")
+    if model is not None:  # under torchrun, rank 0's (the other ranks write nothing)
+        print(f"model written to {model}")
     return 0
 
 

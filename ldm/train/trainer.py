@@ -15,6 +15,13 @@ train_text_to_image.py` (noise, add_noise, MSE, EMA) and CompVis `ldm/models/aut
 Everything random comes from one torch.Generator whose state is checkpointed, and the data of step k depends only
 on k, so a resumed run equals an uninterrupted one bit for bit (on the same machine and thread count).
 
+Under torchrun (`torchrun --nproc-per-node N -m ldm train ...`, docs/scale.md) the Trainer joins the process group
+and trains with DistributedDataParallel: the batch sizes of the config are global, rank r takes rows r*n .. r*n+n-1
+of each global batch (n = batch / N; the samples of a step never overlap between ranks), every rank draws the
+random numbers of the whole global batch from the same generator and keeps its rows, and DDP averages the
+gradients. So N processes compute what one does with the same global batch, up to the order of floating-point
+sums. Rank 0 alone writes checkpoints, samples, the log (train_log.jsonl) and the exported model.
+
 Shapes: B batch, H, W image size, h, w latent size (H/f), C latent channels, S text tokens (77), D text width.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm import distributed
 from ldm.clip import CLIPTextModel
 from ldm.config import SD15, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
 from ldm.fileio import check_writable
@@ -45,6 +54,7 @@ from ldm.unet import UNet2DConditionModel
 from ldm.vae import AutoencoderKL
 
 CHECKPOINT = "checkpoint.safetensors"
+LOG = "train_log.jsonl"  # one JSON line per session start and per checkpoint, written by rank 0
 UNET_DATA_OFFSET = 10_000_000  # the UNet stage reads dataset samples from here on: unseen by the VAE stage
 # The noise schedule of every SD 1.x / 2.x model (DESIGN.md), with DDIM as the sampler the model ships with.
 SCHEDULER = replace(SD15, scheduler_class="DDIMScheduler", scheduler_overrides=()).scheduler
@@ -184,12 +194,17 @@ def sobel(x: Tensor) -> Tensor:
     return F.conv2d(x.repeat_interleave(2, dim=1), kernels, groups=2 * x.shape[1])
 
 
-def random_crops(x: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """One random size x size crop per image: (B, C, H, W) -> (B, C, size, size)."""
+def random_crops(x: Tensor, size: int, generator: torch.Generator, first: int = 0, total: int | None = None) -> Tensor:
+    """One random size x size crop per image: (B, C, H, W) -> (B, C, size, size).
+
+    The offsets are drawn for a batch of `total` images (default B) and rows first .. first+B-1 are used: a DDP
+    rank's share of the global batch's draws."""
     if size == x.shape[-1] and size == x.shape[-2]:
         return x
-    top = torch.randint(0, x.shape[-2] - size + 1, (x.shape[0],), generator=generator).tolist()
-    left = torch.randint(0, x.shape[-1] - size + 1, (x.shape[0],), generator=generator).tolist()
+    total = x.shape[0] if total is None else total
+    rows = slice(first, first + x.shape[0])
+    top = torch.randint(0, x.shape[-2] - size + 1, (total,), generator=generator)[rows].tolist()
+    left = torch.randint(0, x.shape[-1] - size + 1, (total,), generator=generator)[rows].tolist()
     return torch.stack([img[:, t:t + size, l:l + size] for img, t, l in zip(x, top, left)])
 
 
@@ -245,6 +260,9 @@ class Trainer:
         self.cfg = cfg
         check_fits(training_estimate(cfg), "cpu", f"training with batch_size {cfg.batch_size} and vae_batch_size "
                                                    f"{cfg.vae_batch_size}")
+        self.topo = distributed.join("gloo")  # torchrun's process group (gloo: the trainer runs on the CPU)
+        _check_shardable(cfg, self.topo.world_size)
+        self._stage_forward: dict[str, nn.Module] = {}  # the current stage's trained parts, DDP-wrapped on N ranks
         self.out = _prepare_out_dir(cfg.out_dir)
         self.callback, self.progress = callback, progress
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -303,29 +321,31 @@ class Trainer:
 
     def _vae_step(self, k: int) -> Tensor:
         """Stage 1 loss at stage step k: reconstruction (L1), edges (Sobel L1) and the KL to N(0, I)."""
-        cfg = self.cfg
-        x, _ = self.data.batch(k * cfg.vae_batch_size, cfg.vae_batch_size)  # (B, 3, H, W)
-        x = random_crops(x, cfg.vae_crop, self.generator)  # (B, 3, crop, crop)
-        posterior = self.vae.encode(x)
-        z = posterior.sample(self.generator)  # (B, C, crop/f, crop/f)
-        recon = self.vae.decode(z)  # (B, 3, crop, crop)
-        kl = posterior.kl().mean() / z[0].numel()  # per latent element
+        cfg, B = self.cfg, self.cfg.vae_batch_size
+        n, first = B // self.topo.world_size, self.topo.rank * (B // self.topo.world_size)  # this rank's rows
+        x, _ = self.data.batch(k * B + first, n)  # (n, 3, H, W)
+        x = random_crops(x, cfg.vae_crop, self.generator, first, B)  # (n, 3, crop, crop)
+        latent = cfg.vae_crop // cfg.vae.downsample_factor
+        noise = self._mine(torch.randn((B, cfg.vae.latent_channels, latent, latent), generator=self.generator))
+        recon, kl = self._forward("vae")(x, noise)  # (n, 3, crop, crop), KL per latent element
         return ((recon - x).abs().mean() + cfg.edge_weight * (sobel(recon) - sobel(x)).abs().mean()
                 + cfg.kl_weight * kl)
 
     def _unet_step(self, k: int) -> Tensor:
         """Stage 2 loss at stage step k: the epsilon-prediction MSE on noised latents, captions dropped at random."""
-        cfg = self.cfg
-        x, captions = self.data.batch(UNET_DATA_OFFSET + k * cfg.batch_size, cfg.batch_size)
+        cfg, B, g = self.cfg, self.cfg.batch_size, self.generator
+        n, first = B // self.topo.world_size, self.topo.rank * (B // self.topo.world_size)  # this rank's rows
+        x, captions = self.data.batch(UNET_DATA_OFFSET + k * B + first, n)  # (n, 3, H, W)
         with torch.no_grad():
-            z0 = self.vae.encode(x).sample(self.generator) * self.scaling_factor  # (B, C, h, w)
-        drop = (torch.rand(len(captions), generator=self.generator) < cfg.caption_dropout).tolist()
-        ids = self.tokenizer(["" if d else c for c, d in zip(captions, drop)])  # (B, S)
-        t = torch.randint(0, len(self.scheduler), (len(captions),), generator=self.generator)  # (B,)
-        noise = torch.randn(z0.shape, generator=self.generator)
-        zt = self.scheduler.add_noise(z0, noise, t)  # (B, C, h, w)
-        context = self.text_encoder(ids).last_hidden_state  # (B, S, D)
-        return F.mse_loss(self.unet(zt, t, context), noise)
+            posterior = self.vae.encode(x)
+            eps = self._mine(torch.randn((B, *posterior.mean.shape[1:]), generator=g))
+            z0 = (posterior.mean + posterior.std * eps) * self.scaling_factor  # (n, C, h, w), posterior.sample
+        drop = (self._mine(torch.rand(B, generator=g)) < cfg.caption_dropout).tolist()
+        ids = self.tokenizer(["" if d else c for c, d in zip(captions, drop)])  # (n, S)
+        t = self._mine(torch.randint(0, len(self.scheduler), (B,), generator=g))  # (n,)
+        noise = self._mine(torch.randn((B, *z0.shape[1:]), generator=g))
+        zt = self.scheduler.add_noise(z0, noise, t)  # (n, C, h, w)
+        return F.mse_loss(self._forward("unet")(zt, t, ids), noise)
 
     def _train_step(self) -> float:
         self._build_stage()
@@ -335,8 +355,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(k, total, base, cfg.warmup_steps)
         loss = self._vae_step(k) if stage == "vae" else self._unet_step(k)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: the {stage} loss is {loss.item()} (lower the learning rate)")
+        reported = distributed.mean(loss)  # the global batch's loss (all ranks agree on it, and on stopping)
+        if not torch.isfinite(reported):
+            raise FloatingPointError(f"step {self.step}: the {stage} loss is {reported.item()} (lower the "
+                                     f"learning rate)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         modules = self._trained(stage)
@@ -344,8 +366,42 @@ class Trainer:
         self.optimizer.step()
         for name, m in modules.items():
             self.ema[name].update(m)
-        getattr(self.history, stage).append(loss.item())
-        return loss.item()
+        getattr(self.history, stage).append(reported.item())
+        return reported.item()
+
+    # -- distributed data parallel (torchrun): one process is the case world_size == 1 ---------------------------
+
+    def _mine(self, full: Tensor) -> Tensor:
+        """This rank's rows of a draw made for the whole global batch (every rank draws the same numbers)."""
+        n = full.shape[0] // self.topo.world_size
+        return full[self.topo.rank * n:(self.topo.rank + 1) * n]
+
+    def _forward(self, stage: str) -> nn.Module:
+        """The trained parts of `stage` as one module, so that DDP sees one forward and all-reduces its gradients
+        (mean over ranks) in backward; the plain module with one process. Built at a stage's first step."""
+        if stage not in self._stage_forward:
+            module = _VAEStage(self.vae) if stage == "vae" else _UNetStage(self.unet, self.text_encoder)
+            if self.topo.world_size > 1:
+                module = nn.parallel.DistributedDataParallel(module)
+            self._stage_forward = {stage: module}  # the previous stage's wrapper goes
+        return self._stage_forward[stage]
+
+    def _parallelism(self) -> dict[str, Any]:
+        """What the checkpoint metadata and the log record of how the run is split."""
+        w = self.topo.world_size
+        return {"world_size": w, "per_rank_batch": {"vae": self.cfg.vae_batch_size // w,
+                                                    "unet": self.cfg.batch_size // w}}
+
+    def _log(self, event: str) -> None:
+        """Append one line to train_log.jsonl (rank 0): the event, step, stage, last loss and the parallelism."""
+        if not self.topo.is_main:
+            return
+        losses = self.history.vae + self.history.unet
+        record = {"event": event, "step": self.step, "stage": self._stage_built or self.stage,
+                  "loss": losses[-1] if losses else None, "seconds": round(self.history.seconds, 3),
+                  **self._parallelism(), "global_batch": {"vae": self.cfg.vae_batch_size, "unet": self.cfg.batch_size}}
+        with open(self.out / LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
@@ -361,8 +417,9 @@ class Trainer:
         end = self.cfg.total_steps if until is None else until
         _check_int("until", end, 0)
         end = min(end, self.cfg.total_steps)
-        bar = tqdm(total=self.cfg.total_steps, initial=self.step, disable=not self.progress, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.cfg.total_steps, initial=self.step, disable=not (self.progress and self.topo.is_main),
+                   desc="train", dynamic_ncols=True)
+        self._log("start")
         try:
             while self.step < end:
                 started, stage = time.perf_counter(), self.stage
@@ -376,15 +433,18 @@ class Trainer:
                 self._after_step()
         finally:
             bar.close()
-        if self.step < self.cfg.total_steps or not finish:
+        if self.step < self.cfg.total_steps or not finish or not self.topo.is_main:
             return None
         return self.finish()
 
     def _after_step(self) -> None:
         cfg, step = self.cfg, self.step
+        if not self.topo.is_main:  # checkpoints, logs, pictures: rank 0's
+            return
         stage_end = step in (cfg.vae_steps, cfg.total_steps)
         if stage_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             self.save_checkpoint()
+            self._log("checkpoint")
         if step == cfg.vae_steps and cfg.vae_steps > 0:
             from ldm.train.plots import save_reconstructions
 
@@ -453,7 +513,7 @@ class Trainer:
                 tensors.update({f"optimizer.{names[id(p)]}.{key}": v for key, v in s.items()})
         meta = {"step": self.step, "stage": self._stage_built, "config": self.cfg.to_json(),
                 "scaling_factor": self.scaling_factor, "ema_updates": {n: e.updates for n, e in self.ema.items()},
-                "losses": dataclasses.asdict(self.history)}
+                "losses": dataclasses.asdict(self.history), **self._parallelism()}
         return save_state(self.checkpoint_path, tensors, meta)
 
     def _restore(self, state: dict[str, Tensor], meta: dict[str, Any], path: Path) -> None:
@@ -491,6 +551,38 @@ class Trainer:
             self._stage_built = "vae"
         else:
             self._build_stage()
+
+
+class _VAEStage(nn.Module):
+    """Stage 1's forward for DDP: x (n, 3, h, w) and the posterior noise (n, C, h/f, w/f) -> the reconstruction and
+    the KL per latent element (what posterior.sample(generator) would draw, the noise given)."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        posterior = self.vae.encode(x)
+        z = posterior.mean + posterior.std * noise  # (n, C, h/f, w/f)
+        return self.vae.decode(z), posterior.kl().mean() / z[0].numel()
+
+
+class _UNetStage(nn.Module):
+    """Stage 2's forward for DDP: the UNet's noise prediction (n, C, h, w) for z_t, t and the caption ids (n, S)."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, zt: Tensor, t: Tensor, ids: Tensor) -> Tensor:
+        return self.unet(zt, t, self.text_encoder(ids).last_hidden_state)  # context (n, S, D)
+
+
+def _check_shardable(cfg: TrainConfig, world_size: int) -> None:
+    for name in ("vae_batch_size", "batch_size"):
+        if getattr(cfg, name) % world_size:
+            raise ValueError(f"{name} {getattr(cfg, name)} is the global batch and must split evenly over the "
+                             f"{world_size} processes (a multiple of {world_size})")
 
 
 def _prepare_out_dir(out_dir: str) -> Path:
