@@ -141,7 +141,7 @@ def test_estimate_follows_the_documented_arithmetic():
     assert scores < e1.unet < 1.5 * scores
     assert e2.unet == 2 * e1.unet and e2.vae == 2 * e1.vae
     fused = limits.generation_estimate(ldm.SD15.unet, ldm.SD15.vae, 512, 512, 1, True, 4, fused=True)
-    assert fused.unet < e1.unet / 4
+    assert fused.unet < e1.unet / 3  # a 256-row block of scores instead of all 4,096 rows
 
 
 @pytest.mark.parametrize("value,parsed", [("8GiB", 8 * 1024**3), ("500M", 500 * 1024**2), ("1e9", 10**9),
