@@ -73,7 +73,8 @@ def _check_types(config: Any, owner: str, **also: str) -> None:
     TypeError in the middle of a run). `also`: field -> another accepted type (num_heads may be one int)."""
     for f in fields(config):
         value = getattr(config, f.name)
-        kinds = [str(f.type)] + ([also[f.name]] if f.name in also else [])
+        kind = str(f.type)  # a union such as "bool | tuple[bool, ...]" accepts each of its parts
+        kinds = ([kind] if kind in _TYPES else kind.split(" | ")) + ([also[f.name]] if f.name in also else [])
         if not any(_TYPES[k][0](value) for k in kinds):
             raise ValueError(f"{owner}: {f.name} must be {' or '.join(_TYPES[k][1] for k in kinds)}, "
                              f"got {value!r:.80}")

@@ -19,9 +19,10 @@ are as large as the input and the output four times larger. `noise_level` (0..ma
 official model; diffusers' default 20) both noises the input and tells the UNet how much it was noised, through a
 class embedding added to the time embedding: more noise lets the model invent more detail, less keeps it faithful.
 
-Differences from diffusers, on purpose: image sides that the UNet cannot take (not multiples of 8) are an error
-instead of a silent bicubic resize; with several prompts and num_images_per_prompt > 1, image i goes with prompt i
-(diffusers pairs them in a different order there; single prompts and one image per prompt are the same).
+A difference from diffusers, on purpose: image sides that the UNet cannot take (not multiples of 8) are an error
+instead of a silent bicubic resize. With several prompts and num_images_per_prompt > 1 we pair the images as
+diffusers does (the image batch tiled, the prompts repeated in place), because same inputs, same outputs is the
+contract, although it gives prompt i's second image the next prompt's picture.
 
 Shapes: N input images (= prompts), B = N x num_images_per_prompt, h, w the input's (and latents') size, S text
 tokens (77), D text width.
@@ -152,7 +153,9 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         noise = randn(tuple(pixels.shape), gens, self.device, dtype)
         level = torch.tensor([noise_level], dtype=torch.long, device=self.device)
         pixels = add_image_noise(pixels, noise, level, self._low_res_alphas_cumprod)
-        condition = pixels.repeat_interleave(n, dim=0)  # (B, 3, h, w): image i with prompt i
+        # diffusers tiles the images (torch.cat([image] * n)) while each prompt's rows are repeated in place: row k
+        # gets image k % N. Kept for parity; it only matters with several prompts and n > 1.
+        condition = torch.cat([pixels] * n)  # (B, 3, h, w)
         condition = torch.cat([condition] * 2) if run.guided else condition  # (2B or B, 3, h, w)
         levels = level.repeat(condition.shape[0])  # (2B or B,): the unconditional half is told the same level
 

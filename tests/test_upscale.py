@@ -169,12 +169,14 @@ def test_upscale_matches_diffusers(tiny, kw):
     assert_images_close(out.images, ref_images)
 
 
-def test_batch_of_prompts_and_images_and_a_single_generator_match_diffusers(tiny):
+@pytest.mark.parametrize("n", [1, 2])  # n = 2: diffusers' pairing of tiled images with in-place repeated prompts
+def test_batch_of_prompts_and_images_and_a_single_generator_match_diffusers(tiny, n):
     prompts, images = ["a cat", "a harbour at night"], [low_res_picture(2), low_res_picture(3)]
     ref_images, ref_latents = run_ref(tiny.ref, prompts, images, generator=torch.Generator().manual_seed(4),
-                                      num_inference_steps=3, negative_prompt=["blurry", "noisy"])
+                                      num_inference_steps=3, negative_prompt=["blurry", "noisy"],
+                                      num_images_per_prompt=n)
     out = tiny.ours(prompts, images, generator=torch.Generator().manual_seed(4), num_inference_steps=3,
-                    negative_prompt=["blurry", "noisy"], output_type="np")
+                    negative_prompt=["blurry", "noisy"], num_images_per_prompt=n, output_type="np")
     assert rel_err(out.latents, ref_latents) <= LATENT_TOL
     assert_images_close(out.images, ref_images)
 
