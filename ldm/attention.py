@@ -58,6 +58,11 @@ def attention_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+def current_backend() -> str:
+    """The backend attention calls use now (the memory estimate of ldm/limits.py depends on it)."""
+    return _backend
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects (B, heads, L, head_dim) tensors, got q {tuple(q.shape)}, "

@@ -160,8 +160,8 @@ class CLIPTextModel(nn.Module):
         inversion); input_ids still give the shape and the EOS position of the pooled output.
         """
         self._check_ids(input_ids)
-        if inputs_embeds is not None and inputs_embeds.shape != (*input_ids.shape, self.cfg.hidden_size):
-            raise ValueError(f"CLIPTextModel: inputs_embeds must have shape {(*input_ids.shape, self.cfg.hidden_size)}"
+        if inputs_embeds is not None and inputs_embeds.shape != (*input_ids.shape, self.config.hidden_size):
+            raise ValueError(f"CLIPTextModel: inputs_embeds must have shape {(*input_ids.shape, self.config.hidden_size)}"
                              f", got {tuple(inputs_embeds.shape)}")
         B, S = input_ids.shape
         # The causal mask: token i sees tokens 0..i only (the tower was trained as a left-to-right model).
