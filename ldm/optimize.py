@@ -232,9 +232,9 @@ def compile_unet(unet: nn.Module, *, cuda_graphs: bool = False, mode: str | None
         unet.network = compiled  # an instance attribute: shadows the method for this UNet only; forward calls it
         return
 
-    def run_graph(sample: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def run_graph(sample: Tensor, t: Tensor, context: Tensor, *residuals: Tensor | list[Tensor]) -> Tensor:
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(sample, t, context).clone()
+        return compiled(sample, t, context, *residuals).clone()
 
     unet.network = run_graph
 
