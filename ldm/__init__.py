@@ -16,7 +16,7 @@ _EXPORTS = {
     "SD15_INPAINT": "ldm.config", "SD2_INPAINT": "ldm.config", "FAMILIES": "ldm.config",
     # models
     "UNet2DConditionModel": "ldm.unet", "AutoencoderKL": "ldm.vae", "CLIPTextModel": "ldm.clip",
-    "CLIPTokenizer": "ldm.tokenizer",
+    "CLIPTokenizer": "ldm.tokenizer", "ControlNetModel": "ldm.controlnet", "ControlNetConfig": "ldm.controlnet",
     # generating
     "StableDiffusionPipeline": "ldm.pipeline",
     # Loading is the converter's job (weights_convert/), re-exported here because `ldm.load_pipeline` is the
@@ -24,7 +24,7 @@ _EXPORTS = {
     "load_pipeline": "weights_convert.load",
 }
 _SUBMODULES = {"attention", "config", "schedulers", "research", "pipeline", "unet", "vae", "clip", "tokenizer",
-               "optimize"}
+               "optimize", "controlnet"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 __version__ = "0.1.0"

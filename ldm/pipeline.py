@@ -247,9 +247,9 @@ class StableDiffusionPipeline:
                             guidance_scale=guidance_scale, seed=seed, generator=generator,
                             num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
                             callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
-        # the last int(steps * strength) steps (diffusers' get_timesteps; the scheduler's begin index is set)
         control = self._control(run, pixels.shape[-2], pixels.shape[-1], control_image,
                                 controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode)
+        # the last int(steps * strength) steps (diffusers' get_timesteps; the scheduler's begin index is set)
         timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
         image_latents = self._encode_image_img2img(pixels, run)  # (B, C, h, w)
         noise = randn(image_latents.shape, run.generator, self.device, run.context.dtype)
