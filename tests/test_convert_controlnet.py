@@ -139,3 +139,14 @@ def test_full_shape_against_diffusers_from_single_file(tmp_path) -> None:
     for k, v in ref_sd.items():
         assert torch.equal(got[k], v), k
     assert sum(p.numel() for p in ours.parameters()) == 361_279_120
+    # the full-shape forward in fp32 on a small latent: the component contract, 1e-5 relative
+    ours, ref = ours.float(), ref.float()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
+    hint = torch.rand(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        down, mid = ours(x, 500, ctx, hint, conditioning_scale=0.8)
+        ref_down, ref_mid = ref(x, 500, ctx, hint, conditioning_scale=0.8, return_dict=False)
+    assert len(down) == len(ref_down) == 12
+    for a, b in zip([*down, mid], [*ref_down, ref_mid]):
+        assert (a - b).norm() / b.norm() <= 1e-5
