@@ -210,7 +210,8 @@ class ControlNetModel(nn.Module):
 
     def _check_inputs(self, sample: Tensor, context: Tensor, cond: Tensor) -> None:
         cfg, u, f = self.config, self.config.unet, self.config.hint_factor
-        for name, x, ndim in (("sample", sample, 4), ("encoder_hidden_states", context, 3), ("controlnet_cond", cond, 4)):
+        checks = (("sample", sample, 4), ("encoder_hidden_states", context, 3), ("controlnet_cond", cond, 4))
+        for name, x, ndim in checks:
             if not isinstance(x, Tensor) or x.ndim != ndim:
                 got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"ControlNet: {name} must be a {ndim}-D tensor, got {got}")
