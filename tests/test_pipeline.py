@@ -9,6 +9,7 @@ differ by at most 1 level on at most 0.1% of pixels (a value on a rounding bound
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterator
