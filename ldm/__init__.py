@@ -17,7 +17,7 @@ _EXPORTS = {
     "FAMILIES": "ldm.config",
     # models
     "UNet2DConditionModel": "ldm.unet", "AutoencoderKL": "ldm.vae", "CLIPTextModel": "ldm.clip",
-    "CLIPTokenizer": "ldm.tokenizer",
+    "CLIPTokenizer": "ldm.tokenizer", "ControlNetModel": "ldm.controlnet", "ControlNetConfig": "ldm.controlnet",
     # generating
     "StableDiffusionPipeline": "ldm.pipeline", "StableDiffusionUpscalePipeline": "ldm.upscale",
     # Loading is the converter's job (weights_convert/), re-exported here because `ldm.load_pipeline` is the
@@ -26,7 +26,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {"attention", "config", "schedulers", "research", "pipeline", "unet", "vae", "clip", "tokenizer",
                "optimize", "upscale",
-               "adapters", "embeddings", "lora"}
+               "adapters", "embeddings", "lora", "controlnet"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 __version__ = "0.1.0"

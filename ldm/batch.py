@@ -56,7 +56,8 @@ _NOT_BATCH = (("prompt", "a PROMPT argument"), ("out", "--out"), ("init_image", 
               # Not yet part of a batch job's recorded settings (job.json), so a resumed job could not check them:
               ("embedding", "--embedding"), ("lora", "--lora"), ("lora_dir", "--lora-dir"),
               ("hires_scale", "--hires-scale"), ("hires_strength", "--hires-strength"),
-              ("hires_steps", "--hires-steps"), ("hires_upscaler", "--hires-upscaler"), ("hires_model", "--hires-model"))
+              ("hires_steps", "--hires-steps"), ("hires_upscaler", "--hires-upscaler"), ("hires_model", "--hires-model"),
+              ("controlnet", "--controlnet"), ("control_image", "--control-image"), ("guess_mode", "--guess-mode"))
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None,
                    help="how much of the init image to repaint, in (0, 1] (default 0.8; 1.0 for inpainting)")
     g.add_argument("--mask", default=None, help="inpainting: white = repaint, same size as --init-image")
+    g.add_argument("--controlnet", action="append", metavar="PATH", default=None,
+                   help="a ControlNet file or folder (repeatable: several ControlNets, one --control-image each)")
+    g.add_argument("--control-image", action="append", metavar="IMG", default=None,
+                   help="the control image of each --controlnet, in order (resized to the output)")
+    g.add_argument("--control-scale", action="append", type=float, metavar="S", default=None,
+                   help="conditioning scale, once for all or once per --controlnet (default 1.0)")
+    g.add_argument("--control-start", action="append", type=float, metavar="A", default=None,
+                   help="fraction of the steps after which a ControlNet starts acting (default 0.0)")
+    g.add_argument("--control-end", action="append", type=float, metavar="B", default=None,
+                   help="fraction of the steps after which it stops (default 1.0)")
+    g.add_argument("--control-preprocess", action="append", choices=("none", "canny"), default=None,
+                   help="turn each --control-image into a control map first (canny: edges), once or once per image")
+    g.add_argument("--canny-low", type=float, default=100.0, help="Canny's lower threshold (default 100)")
+    g.add_argument("--canny-high", type=float, default=200.0, help="Canny's upper threshold (default 200)")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (diffusers' formula)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt files (runs code!)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--optimize", action="store_true",
@@ -210,7 +225,7 @@ def generate(args: argparse.Namespace) -> int:
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, seed=seed, num_images_per_prompt=args.num_images,
                   scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, weighting=args.weighting,
-                  output_type="pil")
+                  output_type="pil", **_control_kwargs(args))
     store = AttentionStore(keep=False, guided=args.guidance > 1) if args.attention_maps else None  # heatmap sums only
     # The attention maps need every image in one batch; otherwise as many as fit in memory per batch.
     per_batch = args.num_images if store else _images_per_batch(pipe, args)
@@ -238,7 +253,7 @@ def load_model(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
 
     try:
         pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
-                                 allow_pickle=args.allow_pickle)
+                                 allow_pickle=args.allow_pickle, controlnet=getattr(args, "controlnet", None) or None)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
     if getattr(pipe.family, "name", None) == "x4-upscaler":
@@ -339,6 +354,58 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
 
 
+def _control_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's ControlNet arguments from --control-* (already checked by _check_control)."""
+    if not args.controlnet:
+        return {}
+    from ldm.canny import canny_image
+    from ldm.images import open_image
+
+    n = len(args.controlnet)
+    steps = _each(args.control_preprocess or ["none"], n)
+    images = []
+    for path, step in zip(args.control_image, steps):
+        image = open_image(path, "--control-image")
+        images.append(canny_image(image, args.canny_low, args.canny_high) if step == "canny" else image)
+    return {"control_image": images, "controlnet_conditioning_scale": _each(args.control_scale or [1.0], n),
+            "control_guidance_start": _each(args.control_start or [0.0], n),
+            "control_guidance_end": _each(args.control_end or [1.0], n), "guess_mode": args.guess_mode}
+
+
+def _each(values: list[Any], n: int) -> list[Any]:
+    return values * n if len(values) == 1 else values
+
+
+def _check_control(args: argparse.Namespace) -> None:
+    n = len(args.controlnet or [])
+    if not n:
+        for flag in ("control_image", "control_scale", "control_start", "control_end", "control_preprocess"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} needs --controlnet")
+        if args.guess_mode:
+            raise UsageError("--guess-mode needs --controlnet")
+        return
+    if len(args.control_image or []) != n:
+        raise UsageError(f"{n} --controlnet but {len(args.control_image or [])} --control-image: give one each")
+    for flag in ("control_scale", "control_start", "control_end", "control_preprocess"):
+        values = getattr(args, flag) or []
+        if len(values) not in (0, 1, n):
+            raise UsageError(f"--{flag.replace('_', '-')} given {len(values)} times: once for all or once per "
+                             f"--controlnet ({n})")
+    for a, b in zip(_each(args.control_start or [0.0], n), _each(args.control_end or [1.0], n)):
+        if not 0 <= a < b <= 1:
+            raise UsageError(f"--control-start {a} / --control-end {b}: need 0 <= start < end <= 1")
+    if not 0 <= args.canny_low <= args.canny_high:
+        raise UsageError(f"--canny-low {args.canny_low} / --canny-high {args.canny_high}: need 0 <= low <= high")
+    from ldm.images import open_image
+
+    for path in args.control_image:
+        try:
+            open_image(path, "--control-image")
+        except (ValueError, TypeError) as e:
+            raise UsageError(_one_line(e)) from None
+
+
 def _optimize(pipe: Any, args: argparse.Namespace) -> None:
     """Pull the device's default speed levers; compile now for a txt2img call and say how long it took.
 
@@ -391,6 +458,7 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
     from ldm.upscale_cli import check_hires_args
 
     check_hires_args(args)
+    _check_control(args)
     _check_model(args)
     _check_adapters(args)
     maps = None if args.attention_maps is None else Path(args.attention_maps)

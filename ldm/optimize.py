@@ -233,9 +233,9 @@ def compile_unet(unet: nn.Module, *, cuda_graphs: bool = False, mode: str | None
         unet.network = compiled  # an instance attribute: shadows the method for this UNet only; forward calls it
         return
 
-    def run_graph(sample: Tensor, t: Tensor, context: Tensor, *class_labels: Tensor) -> Tensor:
+    def run_graph(sample: Tensor, t: Tensor, context: Tensor, *extra: Tensor | list[Tensor] | None) -> Tensor:
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(sample, t, context, *class_labels).clone()
+        return compiled(sample, t, context, *extra).clone()  # extra: class labels, ControlNet residuals
 
     unet.network = run_graph
 

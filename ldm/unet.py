@@ -404,28 +404,42 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor,
-                class_labels: Tensor | int | None = None) -> Tensor:
+                class_labels: Tensor | int | None = None, *,
+                down_block_additional_residuals: list[Tensor] | tuple[Tensor, ...] | None = None,
+                mid_block_additional_residual: Tensor | None = None) -> Tensor:
         """sample: (B, C_in, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, S, D_text) -> (B, C_out, H, W).
 
         H and W must be divisible by cfg.downsample_factor (8 for every SD preset). Timesteps are used as given,
         fractional ones included (LMS and Euler schedulers). class_labels: scalar or (B,) ints in
         [0, num_class_embeds), required exactly when the config has num_class_embeds (the x4 upscaler's noise level).
+        The two residuals (a ControlNet's outputs, diffusers' names and semantics) come together: one per skip
+        connection, added to it, and one added to the middle block's output (ldm/controlnet.py).
         """
         self._check_inputs(sample, encoder_hidden_states)
         t = self._timesteps(timestep, sample)  # (B,) on the sample's device
-        network = self.network  # ldm.optimize.compile_unet may shadow it on this instance
         if self.class_embedding is None:
             if class_labels is not None:
                 raise ValueError("UNet: class_labels given, but this model has no class embedding (num_class_embeds)")
-            return network(sample, t, encoder_hidden_states)
-        return network(sample, t, encoder_hidden_states, self._class_labels(class_labels, sample))
+            labels = None
+        else:
+            labels = self._class_labels(class_labels, sample)
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("UNet: down_block_additional_residuals and mid_block_additional_residual come together "
+                             "(a ControlNet gives both)")
+        down = None if down_block_additional_residuals is None else list(down_block_additional_residuals)
+        # self.network: ldm.optimize.compile_unet may shadow it on this instance (positional arguments only)
+        if down is None:
+            return self.network(sample, t, encoder_hidden_states, labels)
+        return self.network(sample, t, encoder_hidden_states, labels, down, mid_block_additional_residual)
 
-    def network(self, sample: Tensor, t: Tensor, context: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def network(self, sample: Tensor, t: Tensor, context: Tensor, class_labels: Tensor | None = None,
+                down_residuals: list[Tensor] | None = None, mid_residual: Tensor | None = None) -> Tensor:
         """The network itself on checked inputs: sample (B, C_in, H, W), t (B,) on its device, context (B, S, D_text),
-        class_labels (B,) int64 on its device where the model has a class embedding.
+        class_labels (B,) int64 on its device where the model has a class embedding, the ControlNet residuals.
 
         Kept apart from forward's input checks so the math reads alone, and so torch.compile sees tensors on one
         device and no Python checks: ldm.optimize.compile_unet shadows this method on one instance by its graph.
+        down_residuals / mid_residual: a ControlNet's residuals, added to the skips and to the middle's output.
         """
         temb = self.time_proj(t).to(sample.dtype)  # (B, C0); the sinusoid is fp32, the MLP runs in the model dtype
         temb = self.time_embedding(temb)  # (B, T)
@@ -437,7 +451,14 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, level_skips = block(x, temb, context)
             skips += level_skips
+        if down_residuals is not None:  # ControlNet: one residual per skip, the skips' shapes
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"UNet: {len(down_residuals)} down_block_additional_residuals, the UNet has "
+                                 f"{len(skips)} skip connections")
+            skips = [skip + res for skip, res in zip(skips, down_residuals)]
         x = self.mid_block(x, temb, context)  # (B, C_last, H/f, W/f)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, temb, context)
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C_out, H, W)

@@ -450,13 +450,17 @@ def load_components(path_or_id: str | os.PathLike, *, dtype: torch.dtype | None 
 def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
                   device: str | torch.device = "cpu", family: str | FamilyPreset | None = None,
                   vae: str | os.PathLike | nn.Module | None = None, ema: bool = False, allow_pickle: bool = False,
-                  variant: str | None = None, optimize: bool = False) -> Any:
+                  variant: str | None = None, optimize: bool = False,
+                  controlnet: str | os.PathLike | nn.Module | list | None = None) -> Any:
     """`ldm.load_pipeline`: the parts of `load_components`, assembled into an ldm.StableDiffusionPipeline.
 
     optimize=True pulls the device's default speed levers once the weights are on `device` in `dtype`
     (`pipe.optimize()`, ldm/optimize.py: on CUDA channels_last, fused attention projections and torch.compile with
     CUDA graphs; on the CPU fused projections only); `pipe.levers` records what was pulled. For other levers,
     load with optimize=False and call `pipe.optimize(...)` yourself.
+
+    controlnet: a ControlNet file or folder (weights_convert/controlnet.py), a loaded ControlNetModel, or a list of
+    them; each is checked against the model's UNet and loaded in `dtype` on `device` (allow_pickle applies).
     """
     from ldm.pipeline import StableDiffusionPipeline
     from ldm.upscale import StableDiffusionUpscalePipeline
@@ -466,7 +470,14 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
     parts = load_components(path_or_hub_id, dtype=dtype, device=device, family=family, vae=vae, ema=ema,
                             allow_pickle=allow_pickle, variant=variant)
     if parts.family.name == "x4-upscaler":  # the pipeline class that fits the checkpoint, as diffusers picks it
+        if controlnet is not None:
+            raise ValueError("controlnet: the x4 upscaler takes no ControlNet (they are made for SD 1.x / 2.x UNets)")
         extras = {k: v for k, v in (("max_noise_level", parts.max_noise_level),
                                     ("low_res_scheduler", parts.low_res_scheduler)) if v is not None}
         return StableDiffusionUpscalePipeline(**parts.pipeline_kwargs(), **extras, optimize=optimize)
-    return StableDiffusionPipeline(**parts.pipeline_kwargs(), optimize=optimize)
+    nets = None
+    if controlnet is not None:
+        from weights_convert.controlnet import load_controlnets
+
+        nets = load_controlnets(controlnet, parts.unet.config, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    return StableDiffusionPipeline(**parts.pipeline_kwargs(), optimize=optimize, controlnet=nets)
