@@ -26,6 +26,7 @@ from torch import nn
 
 from ldm.config import UNetConfig
 from ldm.controlnet import CONTROLNET_SD15, CONTROLNET_SD21, ControlNetConfig, ControlNetModel
+from ldm.hub import WEIGHT_FILES
 
 from weights_convert.convert import Source, verify
 from weights_convert.rules import Rule, drop, expand, local
@@ -155,13 +156,14 @@ def _ignored_rules(keys: set[str], path: Path) -> list[Rule]:
 
 def _source_and_config(path: Path, base: UNetConfig | None, config: ControlNetConfig | None,
                        allow_pickle: bool) -> tuple[Source, ControlNetConfig, str]:
-    from weights_convert.load import _read_json, folder_weights, open_source
+    from weights_convert.configs import read_config
+    from weights_convert.load import folder_weights, open_source
 
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: not a diffusers ControlNet folder (no config.json)")
-        cfg = config or ControlNetConfig.from_diffusers(_read_json(path / "config.json"))
-        return folder_weights(path, "diffusion_pytorch_model", None, allow_pickle), cfg, "diffusers"
+        cfg = config or read_config(path / "config.json", ControlNetConfig.from_diffusers)
+        return folder_weights(path, WEIGHT_FILES["unet"], None, allow_pickle), cfg, "diffusers"
     source = open_source(path, allow_pickle)
     shape_of = {k: source.shape(k) for k in source.keys()}
     layout = _layout(set(shape_of), path)
