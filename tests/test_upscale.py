@@ -210,7 +210,7 @@ def test_callback_sees_steps_and_can_stop(tiny):
     (dict(prompt=["a", "b"]), ValueError, "prompt has 2 entries but 1 image"),
     (dict(image=[low_res_picture(1), low_res_picture(2)]), ValueError, "prompt has 1 entries but 2 image"),
     (dict(image=low_res_picture(1, 18)), ValueError, "multiples of 4"),  # the tiny UNet halves twice
-    (dict(image=np.zeros((16, 16, 4), np.uint8)), ValueError, "uint8 of shape"),
+    (dict(image=np.zeros((16, 16, 4), np.uint8)), ValueError, r"of shape \(H, W, 3\)"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "either seed= or generator="),
     (dict(output_type="jpg"), ValueError, "output_type"),
 ])
