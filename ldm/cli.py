@@ -250,13 +250,14 @@ def load_model(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
     """load_pipeline with the command's model options and memory switches (--vae-tiling, --attention-chunk);
     a model that does not load is a UsageError. Shared with batch generation (ldm/batch.py)."""
     import ldm
+    from ldm.upscale import StableDiffusionUpscalePipeline
 
     try:
         pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
                                  allow_pickle=args.allow_pickle, controlnet=getattr(args, "controlnet", None) or None)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
-    if getattr(pipe.family, "name", None) == "x4-upscaler":
+    if isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
                          f"--hires-model with another model)")
     if args.vae_tiling:

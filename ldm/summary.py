@@ -35,12 +35,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ldm.config import FAMILIES, FamilyPreset
+from ldm.config import FAMILIES, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
 
 COMPONENTS = ("text_encoder", "unet", "vae")  # the order of the data path: prompt -> context -> latents -> pixels
 TIMESTEP = 999  # the UNet's example timestep (any value gives the same shapes)
@@ -184,7 +184,32 @@ def summarize(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any]
 # Stable Diffusion components
 
 
-def example_inputs(component: str, preset: FamilyPreset, size: int, batch: int = 1,
+class ModelConfigs(NamedTuple):
+    """What the tables need of a model: a name for the titles, the three configs, the default image side. Built from
+    a family preset, or from a loaded model's own parts (which may belong to no family)."""
+
+    name: str
+    text: CLIPTextConfig
+    unet: UNetConfig
+    vae: VAEConfig
+    native_size: int | None  # None: the model records no size (a UNet config without sample_size)
+
+    @classmethod
+    def of_preset(cls, preset: FamilyPreset) -> ModelConfigs:
+        return cls(preset.name, preset.text, preset.unet, preset.vae, preset.native_size)
+
+    @classmethod
+    def of_pipeline(cls, pipe: Any, model: str | os.PathLike) -> ModelConfigs:
+        """The loaded parts' configs, named after the family they are, else after the file or folder."""
+        name = pipe.family.name if pipe.family is not None else Path(model).resolve().name
+        try:
+            native = pipe.native_size
+        except ValueError:  # no family and no sample_size: the caller must give the size
+            native = None
+        return cls(name, pipe.text_encoder.config, pipe.unet.config, pipe.vae.config, native)
+
+
+def example_inputs(component: str, preset: FamilyPreset | ModelConfigs, size: int, batch: int = 1,
                    device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> tuple[Any, ...]:
     """The forward arguments of one component at image size `size` x `size` (pixels).
 
@@ -211,8 +236,8 @@ def example_inputs(component: str, preset: FamilyPreset, size: int, batch: int =
     raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
 
 
-def build_meta(component: str, preset: FamilyPreset) -> nn.Module:
-    """The full-size component of a family with every parameter on the meta device (no memory, no init)."""
+def build_meta(component: str, preset: FamilyPreset | ModelConfigs) -> nn.Module:
+    """The full-size component of a model with every parameter on the meta device (no memory, no init)."""
     from ldm.clip import CLIPTextModel
     from ldm.unet import UNet2DConditionModel
     from ldm.vae import AutoencoderKL
@@ -241,19 +266,22 @@ def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None =
             raise ValueError(f"components: each must be one of {COMPONENTS}, got {c!r}")
     loaded: dict[str, nn.Module] = {}
     if isinstance(model, FamilyPreset):
-        preset = model
+        preset = ModelConfigs.of_preset(model)
     elif isinstance(model, str) and model in FAMILIES:
-        preset = FAMILIES[model]
+        preset = ModelConfigs.of_preset(FAMILIES[model])
     elif isinstance(model, (str, os.PathLike)) and Path(model).exists():
         import ldm
 
         pipe = ldm.load_pipeline(model, family=family, allow_pickle=allow_pickle)
-        preset = pipe.family
+        preset = ModelConfigs.of_pipeline(pipe, model)
         loaded = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae": pipe.vae}
     else:
         raise ValueError(f"model must be a family name ({', '.join(FAMILIES)}) or an existing checkpoint file or "
                          f"diffusers folder, got {str(model)!r}")
     size = preset.native_size if size is None else size
+    if size is None:
+        raise ValueError(f"{preset.name}: the model records no image size (its UNet config has no sample_size): "
+                         f"give size= (--size)")
     tables = {}
     for c in COMPONENTS:
         if c not in components:

@@ -92,7 +92,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     """
 
     def __init__(self, *, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
-                 family: FamilyPreset, max_noise_level: int = MAX_NOISE_LEVEL,
+                 family: FamilyPreset | None = None, max_noise_level: int = MAX_NOISE_LEVEL,
                  low_res_scheduler: Mapping[str, Any] | None = None, optimize: bool = False) -> None:
         super().__init__(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                          family=family)

@@ -107,7 +107,8 @@ def tiny_ldm_manifest(preset) -> dict:  # preset: ldm.config.FamilyPreset
 
     generation = 2 if preset.text.hidden_act == "gelu" else 1
     layout = Layout(generation, preset.unet.in_channels == 9, SD2_PREFIX if generation == 2 else SD1_PREFIX, False)
-    expected = {c: _expected(_empty_model(c, preset)) for c in ("unet", "vae", "text_encoder")}
+    expected = {c: _expected(_empty_model(c, cfg))
+                for c, cfg in (("unet", preset.unet), ("vae", preset.vae), ("text_encoder", preset.text))}
     keys: dict[str, dict] = {}
     suffix_shape: dict[str, list[int]] = {}
     for rule in checkpoint_rules(preset, layout):

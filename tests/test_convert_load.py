@@ -195,8 +195,42 @@ def _check_outputs(parts, refs: dict, tol: float) -> None:
 def test_diffusers_folder_loads_with_parity(tmp_path: Path) -> None:
     refs = _diffusers_folder(tmp_path / "model")
     parts = load_components(tmp_path / "model")
-    assert parts.family.name == "sd15" and parts.family.unet.block_out_channels == (32, 64)
+    assert parts.family is None and parts.unet.config.block_out_channels == (32, 64)  # tiny: no preset's configs
     _check_outputs(parts, refs, 1e-5)
+
+
+@pytest.mark.parametrize(("folder", "name"), [("sd15", "sd15"), ("sd21base", "sd21-base"), ("sd21", "sd21-v"),
+                                              ("sd15-inpaint", "sd15-inpaint"), ("sd2-inpaint", "sd2-inpaint"),
+                                              ("x4-upscaler", "x4-upscaler")])
+def test_folder_family_is_identity(folder: str, name: str) -> None:
+    """A folder is a family only when its configs are that preset's: the official configs are; a fine-tune with
+    another size of the same architecture, or another prediction type, is none (its parts keep their configs)."""
+    import ldm
+    from ldm.config import CLIPTextConfig, UNetConfig, VAEConfig
+    from weights_convert.configs import read_json
+    from weights_convert.load import _folder_family, _identity
+
+    root = DIFFUSERS_CONFIGS / folder
+    configs = {"unet": UNetConfig.from_diffusers(read_json(root / "unet" / "config.json")),
+               "vae": VAEConfig.from_diffusers(read_json(root / "vae" / "config.json")),
+               "text_encoder": CLIPTextConfig.from_transformers(read_json(root / "text_encoder" / "config.json"))}
+    scheduler = read_json(root / "scheduler" / "scheduler_config.json")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    assert _folder_family(root, configs["unet"], configs["text_encoder"], scheduler, None) == name
+    assert _identity(name, configs, prediction, None) is ldm.config.FAMILIES[name]
+    smaller = {**configs, "unet": replace(configs["unet"], sample_size=32)}
+    assert _identity(name, smaller, prediction, None) is None
+    other = "epsilon" if prediction == "v_prediction" else "v_prediction"
+    assert _identity(name, configs, other, None) is None
+
+
+def test_packaged_model_has_no_family() -> None:
+    """The packaged 8 M-parameter shapes model follows SD 1.x's architecture but is not SD 1.5."""
+    import ldm
+    from ldm.train import DEFAULT_MODEL_DIR
+
+    pipe = ldm.load_pipeline(DEFAULT_MODEL_DIR)
+    assert pipe.family is None and pipe.native_size == 64  # diffusers' rule: unet.sample_size 16 x the VAE's 4
 
 
 def test_fp16_variant_found_by_itself_and_asked_for(tmp_path: Path) -> None:
@@ -214,7 +248,8 @@ def test_export_round_trip_and_diffusers_reads_it(tmp_path: Path, tiny_files: di
     parts = load_components(tiny_files["sd2"], family=TINY_SD2)
     out = export_diffusers(parts, tmp_path / "exported")
     again = load_components(out)
-    assert again.family.name == "sd21-base"
+    assert again.family is None  # an SD 2 architecture at tiny sizes is not the sd21-base family
+    assert load_components(out, family=TINY_SD2).family is TINY_SD2  # the preset its configs are
     for c in ("unet", "vae", "text_encoder"):
         a, b = getattr(parts, c).state_dict(), getattr(again, c).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), c

@@ -289,7 +289,8 @@ def test_single_file_and_exported_folder_give_identical_outputs_and_diffusers_ag
     index = load_json(folder / "model_index.json")
     assert index["_class_name"] == "StableDiffusionUpscalePipeline" and index["max_noise_level"] == 350
     from_folder = ldm.load_pipeline(folder)
-    assert isinstance(from_folder, ldm.StableDiffusionUpscalePipeline) and from_folder.family.name == "x4-upscaler"
+    # the pipeline class follows the UNet's structure; tiny sizes are not the x4-upscaler family's
+    assert isinstance(from_folder, ldm.StableDiffusionUpscalePipeline) and from_folder.family is None
     kw = dict(num_inference_steps=3, noise_level=40, negative_prompt="blurry")
     a = pipe("a red fox", low_res_picture(8), seed=6, output_type="np", **kw)
     b = from_folder("a red fox", low_res_picture(8), seed=6, output_type="np", **kw)

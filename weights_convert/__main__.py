@@ -258,7 +258,7 @@ def _run(args: argparse.Namespace) -> int:
         parts = load_components(args.source, dtype=None, family=args.family, vae=args.vae, ema=args.ema,
                                 allow_pickle=args.allow_pickle)
         out = export_diffusers(parts, args.out_dir, dtype=DTYPES.get(args.dtype), variant=args.variant)
-        print(f"wrote {out} ({parts.family.name})")
+        print(f"wrote {out} ({parts.family.name if parts.family else 'no preset family'})")
     return 0
 
 

@@ -26,7 +26,7 @@ from ldm.hub import WEIGHT_FILES
 
 CLIP_VOCAB_SIZE = 49_408  # the packaged vocab.json, the same for SD 1 and SD 2
 
-from weights_convert.load import Components
+from weights_convert.load import Components, is_upscaler
 from weights_convert.safetensors_file import write_streaming
 
 
@@ -66,8 +66,8 @@ def export_diffusers(parts: Components | Any, out_dir: str | Path, dtype: torch.
                      variant: str | None = None, replace: bool = False) -> Path:
     """Write `parts` as a diffusers Stable Diffusion folder; dtype casts the weights (None: as loaded).
 
-    `parts`: loaded Components, or anything with the same unet / vae / text_encoder / tokenizer / scheduler /
-    family attributes (a StableDiffusionPipeline: ldm.train exports its trained pipelines through here). The folder
+    `parts`: loaded Components, or anything with the same unet / vae / text_encoder / tokenizer / scheduler
+    attributes, each model carrying its `.config` (a StableDiffusionPipeline: ldm.train exports its trained pipelines through here). The folder
     is written next to `out_dir` and renamed into place, so a stopped export never leaves a half-written model where
     a loader would find it. An existing non-empty `out_dir` is an error unless `replace=True`.
     """
@@ -91,11 +91,11 @@ def export_diffusers(parts: Components | Any, out_dir: str | Path, dtype: torch.
 def _write_folder(parts: Any, out: Path, dtype: torch.dtype | None, variant: str | None) -> None:
     mid = f".{variant}" if variant else ""
     weights_dtype = dtype or next(parts.unet.parameters()).dtype
-    _write_json(out / "unet" / "config.json", parts.family.unet.to_diffusers())
+    _write_json(out / "unet" / "config.json", parts.unet.config.to_diffusers())
     _write_weights(parts.unet, out / "unet" / f"{WEIGHT_FILES['unet']}{mid}.safetensors", dtype)
-    _write_json(out / "vae" / "config.json", parts.family.vae.to_diffusers())
+    _write_json(out / "vae" / "config.json", parts.vae.config.to_diffusers())
     _write_weights(parts.vae, out / "vae" / f"{WEIGHT_FILES['vae']}{mid}.safetensors", dtype)
-    _write_json(out / "text_encoder" / "config.json", parts.family.text.to_transformers(
+    _write_json(out / "text_encoder" / "config.json", parts.text_encoder.config.to_transformers(
         str(weights_dtype).removeprefix("torch.")))
     _write_weights(parts.text_encoder, out / "text_encoder" / f"{WEIGHT_FILES['text_encoder']}{mid}.safetensors", dtype)
     scheduler = {k: v for k, v in dict(parts.scheduler.config).items() if k != "_use_default_values"}
@@ -108,7 +108,7 @@ def _write_folder(parts: Any, out: Path, dtype: torch.dtype | None, variant: str
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
         "feature_extractor": [None, None], "requires_safety_checker": False}
-    if parts.family.name == "x4-upscaler":
+    if is_upscaler(parts.unet.config):
         del index["requires_safety_checker"]  # not an argument of diffusers' StableDiffusionUpscalePipeline
         index.update(_upscaler_folder(parts, out))
     _write_json(out / "model_index.json", index)

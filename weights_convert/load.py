@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class Components:
     text_encoder: nn.Module
     tokenizer: Any
     scheduler: Any
-    family: FamilyPreset
+    family: FamilyPreset | None  # the family these parts ARE, or None (the rule: _identity)
     source: Path
     # The x4 upscaler's extras (diffusers' model_index.json `max_noise_level`, `low_res_scheduler/`); None elsewhere.
     max_noise_level: int | None = None
@@ -137,7 +137,7 @@ def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> Source:
 # Building models on the meta device and filling them
 
 
-def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
+def _empty_model(component: str, config: UNetConfig | VAEConfig | CLIPTextConfig) -> nn.Module:
     from ldm.clip import CLIPTextModel
     from ldm.unet import UNet2DConditionModel
     from ldm.vae import AutoencoderKL
@@ -145,17 +145,13 @@ def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
     # Every parameter on the meta device: no memory, init is a no-op; load_state_dict(assign=True) then puts the
     # file's tensors in. (The models hold no buffers a file lacks, so nothing real needs building here.)
     with torch.device("meta"):
-        if component == "unet":
-            return UNet2DConditionModel(preset.unet)
-        if component == "vae":
-            return AutoencoderKL(preset.vae)
-        return CLIPTextModel(preset.text)
+        return {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component](config)
 
 
-def _meta_model(component: str, preset: FamilyPreset, where: Path) -> nn.Module:
+def _meta_model(component: str, config: UNetConfig | VAEConfig | CLIPTextConfig, where: Path) -> nn.Module:
     """_empty_model, with sizes too large even to describe (beyond int64) reported against the config file."""
     try:
-        return _empty_model(component, preset)
+        return _empty_model(component, config)
     except (RuntimeError, OverflowError) as e:
         raise CheckpointError(f"{where}: the config's sizes cannot be built ({' '.join(str(e).split())[:160]})") \
             from None
@@ -217,7 +213,8 @@ def _single_file(path: Path, family: str | FamilyPreset | None, dtype: torch.dty
     preset = resolve_family(layout, family, path)
     rules = checkpoint_rules(preset, layout, ema=ema)
     wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
-    models = {c: _empty_model(c, preset) for c in wanted}
+    configs = {"unet": preset.unet, "vae": preset.vae, "text_encoder": preset.text}  # the layout's family: its own
+    models = {c: _empty_model(c, configs[c]) for c in wanted}
     verify(rules, source, {c: _expected(m) for c, m in models.items()}, what=f"{preset.name} checkpoint")
     loaded = {c: _fill(m, rules, source, c, dtype, device) for c, m in models.items()}
     return Components(loaded["unet"], loaded.get("vae"), loaded["text_encoder"], _tokenizer_packaged(preset),
@@ -283,11 +280,17 @@ def folder_rules(component: str, expected: dict[str, tuple[int, ...]], source: S
     return rules
 
 
+def is_upscaler(unet: UNetConfig) -> bool:
+    """An x4 upscaler UNet: 7 input channels (4 latents + the RGB low-res image) and noise-level classes."""
+    return unet.num_class_embeds is not None and unet.in_channels == 7
+
+
 def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, scheduler: dict[str, Any],
                    family: str | FamilyPreset | None) -> str:
+    """The family whose architecture a folder's configs follow (a requested family that contradicts it raises)."""
     generation = 2 if text.hidden_act == "gelu" else 1
     inpainting = unet.in_channels == 9
-    if unet.num_class_embeds is not None and unet.in_channels == 7:
+    if is_upscaler(unet):
         name = "x4-upscaler"
     elif generation == 1:
         name = "sd15-inpaint" if inpainting else "sd15"
@@ -301,6 +304,23 @@ def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, schedul
         raise CheckpointError(f"{folder}: its configs describe a {name!r} model, not the requested family "
                               f"{wanted!r}")
     return name
+
+
+def _identity(name: str, configs: dict[str, Any], prediction: str,
+              family: str | FamilyPreset | None) -> FamilyPreset | None:
+    """The family a folder IS: `family` identifies a model, it does not configure one.
+
+    A folder is that family only when its UNet, VAE and text encoder configs and its prediction type equal the
+    preset's (the official folders do); the preset passed as `family=`, if one was, is tried first. Anything
+    else (a fine-tune with other sizes, the packaged 8 M-parameter shapes model, a tiny test model) has no family:
+    None. The parts carry their own configs either way (`pipe.unet.config`, `pipe.scheduler.config`).
+    """
+    candidates = ([family] if isinstance(family, FamilyPreset) else []) + [FAMILIES[name]]
+    for preset in candidates:
+        if (preset.unet, preset.vae, preset.text, preset.prediction_type) == \
+                (configs["unet"], configs["vae"], configs["text_encoder"], prediction):
+            return preset
+    return None
 
 
 def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype | None, device: str | torch.device,
@@ -318,20 +338,14 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     scheduler = _scheduler(sched_cfg, sched_path)  # a bad scheduler config is found before any weights are read
     tokenizer = _tokenizer_dir(folder / "tokenizer")
     name = _folder_family(folder, unet_cfg, text_cfg, sched_cfg, family)
-    # The default image size is diffusers' rule: the UNet's training latent size times the VAE's factor
-    # (64 x 8 = 512 for SD 1.5, 96 x 8 = 768 for SD 2.1-v; 16 x 4 = 64 for the packaged shapes model).
-    native = FAMILIES[name].native_size if unet_cfg.sample_size is None else \
-        unet_cfg.sample_size * vae_cfg.downsample_factor
-    preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg, native_size=native,
-                     prediction_type=sched_cfg.get("prediction_type", "epsilon"),
-                     scheduler_class=sched_cfg.get("_class_name", FAMILIES[name].scheduler_class))
     wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
     configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg}
+    preset = _identity(name, configs, sched_cfg.get("prediction_type", "epsilon"), family)
     sources: dict[str, Source] = {}
     for c in wanted:  # the configs' counts against the files, before any model is built
         sources[c] = folder_weights(folder / c, WEIGHT_FILES[c], variant, allow_pickle)
         check_counts(c, configs[c], sources[c], folder / c / "config.json")
-    models = {c: _meta_model(c, preset, folder / c / "config.json") for c in wanted}
+    models = {c: _meta_model(c, configs[c], folder / c / "config.json") for c in wanted}
     rules: dict[str, list[Rule]] = {}
     for c, model in models.items():  # verify every component before filling any
         rules[c] = folder_rules(c, _expected(model), sources[c])
@@ -443,7 +457,9 @@ def load_components(path_or_id: str | os.PathLike, *, dtype: torch.dtype | None 
         if isinstance(vae, nn.Module):
             parts.vae = vae
         else:
-            parts.vae = load_vae(vae, dtype=dtype, device=device, config=parts.family.vae, allow_pickle=allow_pickle)
+            own = read_config(path / "vae" / "config.json", VAEConfig.from_diffusers) if path.is_dir() else \
+                parts.family.vae  # the model's own VAE config: a single file always has its family
+            parts.vae = load_vae(vae, dtype=dtype, device=device, config=own, allow_pickle=allow_pickle)
     return parts
 
 
@@ -469,7 +485,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
         raise TypeError(f"optimize must be a bool, got {type(optimize).__name__}")
     parts = load_components(path_or_hub_id, dtype=dtype, device=device, family=family, vae=vae, ema=ema,
                             allow_pickle=allow_pickle, variant=variant)
-    if parts.family.name == "x4-upscaler":  # the pipeline class that fits the checkpoint, as diffusers picks it
+    if is_upscaler(parts.unet.config):  # the pipeline class that fits the checkpoint, as diffusers picks it
         if controlnet is not None:
             raise ValueError("controlnet: the x4 upscaler takes no ControlNet (they are made for SD 1.x / 2.x UNets)")
         extras = {k: v for k, v in (("max_noise_level", parts.max_noise_level),

@@ -15,12 +15,10 @@ train_text_to_image.py` (noise, add_noise, MSE, EMA) and CompVis `ldm/models/aut
 Everything random comes from one torch.Generator whose state is checkpointed, and the data of step k depends only
 on k, so a resumed run equals an uninterrupted one bit for bit (on the same machine and thread count).
 
-Under torchrun (`torchrun --nproc-per-node N -m ldm train ...`, docs/scale.md) the Trainer joins the process group
-and trains with DistributedDataParallel: the batch sizes of the config are global, rank r takes rows r*n .. r*n+n-1
-of each global batch (n = batch / N; the samples of a step never overlap between ranks), every rank draws the
-random numbers of the whole global batch from the same generator and keeps its rows, and DDP averages the
-gradients. So N processes compute what one does with the same global batch, up to the order of floating-point
-sums. Rank 0 alone writes checkpoints, samples, the log (train_log.jsonl) and the exported model.
+Under torchrun (`torchrun --nproc-per-node N -m ldm train ...`, docs/scale.md) the batch sizes of the config are
+global and each process trains on its rows of every global batch with DistributedDataParallel, so N processes
+compute what one does (ldm/train/ddp.py). Rank 0 alone writes checkpoints, samples, the log (train_log.jsonl) and
+the exported model.
 
 Shapes: B batch, H, W image size, h, w latent size (H/f), C latent channels, S text tokens (77), D text width.
 """
@@ -43,12 +41,14 @@ from torch import Tensor, nn
 
 from ldm import distributed
 from ldm.clip import CLIPTextModel
-from ldm.config import SD15, CLIPTextConfig, FamilyPreset, UNetConfig, VAEConfig
+from ldm.config import SD15, CLIPTextConfig, UNetConfig, VAEConfig
 from ldm.fileio import check_writable
 from ldm.limits import check_fits, training_estimate
 from ldm.schedulers import DDIMScheduler
 from ldm.tokenizer import CLIPTokenizer
 from ldm.train.checkpoint import load_state, prefixed, save_state, unprefixed
+from ldm.train.ddp import check_shardable as _check_shardable  # (tests/test_distributed.py's name)
+from ldm.train.ddp import mine, parallelism, share, stage_module
 from ldm.train.shapes import ShapesDataset
 from ldm.unet import UNet2DConditionModel
 from ldm.vae import AutoencoderKL
@@ -208,12 +208,6 @@ def random_crops(x: Tensor, size: int, generator: torch.Generator, first: int = 
     return torch.stack([img[:, t:t + size, l:l + size] for img, t, l in zip(x, top, left)])
 
 
-def family_preset(cfg: TrainConfig, scaling_factor: float) -> FamilyPreset:
-    """An SD 1.x-style family for the trained parts (quick_gelu CLIP, epsilon, DDIM, native size image_size)."""
-    return replace(SD15, unet=cfg.unet, vae=replace(cfg.vae, scaling_factor=scaling_factor), text=cfg.text,
-                   scheduler_class="DDIMScheduler", native_size=cfg.image_size, scheduler_overrides=())
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -269,7 +263,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the initial weights come from the seed, not the global RNG
             torch.manual_seed(cfg.seed)
             self.vae = AutoencoderKL(cfg.vae)
-            self.unet = UNet2DConditionModel(cfg.unet)
+            # sample_size records the latent side trained at (diffusers' meaning): the pipeline's default size
+            self.unet = UNet2DConditionModel(replace(cfg.unet, sample_size=cfg.image_size // cfg.vae.downsample_factor))
             self.text_encoder = CLIPTextModel(cfg.text)
         self.tokenizer = CLIPTokenizer.packaged(SD15.pad_token)
         self.scheduler = DDIMScheduler.from_config(SCHEDULER)
@@ -322,11 +317,11 @@ class Trainer:
     def _vae_step(self, k: int) -> Tensor:
         """Stage 1 loss at stage step k: reconstruction (L1), edges (Sobel L1) and the KL to N(0, I)."""
         cfg, B = self.cfg, self.cfg.vae_batch_size
-        n, first = B // self.topo.world_size, self.topo.rank * (B // self.topo.world_size)  # this rank's rows
+        n, first = share(B, self.topo)  # this rank's rows
         x, _ = self.data.batch(k * B + first, n)  # (n, 3, H, W)
         x = random_crops(x, cfg.vae_crop, self.generator, first, B)  # (n, 3, crop, crop)
         latent = cfg.vae_crop // cfg.vae.downsample_factor
-        noise = self._mine(torch.randn((B, cfg.vae.latent_channels, latent, latent), generator=self.generator))
+        noise = mine(torch.randn((B, cfg.vae.latent_channels, latent, latent), generator=self.generator), self.topo)
         recon, kl = self._forward("vae")(x, noise)  # (n, 3, crop, crop), KL per latent element
         return ((recon - x).abs().mean() + cfg.edge_weight * (sobel(recon) - sobel(x)).abs().mean()
                 + cfg.kl_weight * kl)
@@ -334,16 +329,16 @@ class Trainer:
     def _unet_step(self, k: int) -> Tensor:
         """Stage 2 loss at stage step k: the epsilon-prediction MSE on noised latents, captions dropped at random."""
         cfg, B, g = self.cfg, self.cfg.batch_size, self.generator
-        n, first = B // self.topo.world_size, self.topo.rank * (B // self.topo.world_size)  # this rank's rows
+        n, first = share(B, self.topo)  # this rank's rows
         x, captions = self.data.batch(UNET_DATA_OFFSET + k * B + first, n)  # (n, 3, H, W)
         with torch.no_grad():
             posterior = self.vae.encode(x)
-            eps = self._mine(torch.randn((B, *posterior.mean.shape[1:]), generator=g))
+            eps = mine(torch.randn((B, *posterior.mean.shape[1:]), generator=g), self.topo)
             z0 = (posterior.mean + posterior.std * eps) * self.scaling_factor  # (n, C, h, w), posterior.sample
-        drop = (self._mine(torch.rand(B, generator=g)) < cfg.caption_dropout).tolist()
+        drop = (mine(torch.rand(B, generator=g), self.topo) < cfg.caption_dropout).tolist()
         ids = self.tokenizer(["" if d else c for c, d in zip(captions, drop)])  # (n, S)
-        t = self._mine(torch.randint(0, len(self.scheduler), (B,), generator=g))  # (n,)
-        noise = self._mine(torch.randn((B, *z0.shape[1:]), generator=g))
+        t = mine(torch.randint(0, len(self.scheduler), (B,), generator=g), self.topo)  # (n,)
+        noise = mine(torch.randn((B, *z0.shape[1:]), generator=g), self.topo)
         zt = self.scheduler.add_noise(z0, noise, t)  # (n, C, h, w)
         return F.mse_loss(self._forward("unet")(zt, t, ids), noise)
 
@@ -369,28 +364,14 @@ class Trainer:
         getattr(self.history, stage).append(reported.item())
         return reported.item()
 
-    # -- distributed data parallel (torchrun): one process is the case world_size == 1 ---------------------------
-
-    def _mine(self, full: Tensor) -> Tensor:
-        """This rank's rows of a draw made for the whole global batch (every rank draws the same numbers)."""
-        n = full.shape[0] // self.topo.world_size
-        return full[self.topo.rank * n:(self.topo.rank + 1) * n]
-
     def _forward(self, stage: str) -> nn.Module:
-        """The trained parts of `stage` as one module, so that DDP sees one forward and all-reduces its gradients
-        (mean over ranks) in backward; the plain module with one process. Built at a stage's first step."""
-        if stage not in self._stage_forward:
-            module = _VAEStage(self.vae) if stage == "vae" else _UNetStage(self.unet, self.text_encoder)
-            if self.topo.world_size > 1:
-                module = nn.parallel.DistributedDataParallel(module)
-            self._stage_forward = {stage: module}  # the previous stage's wrapper goes
+        """The trained parts of `stage` as one module, DDP-wrapped on N ranks (ldm/train/ddp.py); built at a
+        stage's first step."""
+        if stage not in self._stage_forward:  # the previous stage's wrapper goes
+            self._stage_forward = {stage: stage_module(stage, self.vae, self.unet, self.text_encoder, self.topo)}
         return self._stage_forward[stage]
 
-    def _parallelism(self) -> dict[str, Any]:
-        """What the checkpoint metadata and the log record of how the run is split."""
-        w = self.topo.world_size
-        return {"world_size": w, "per_rank_batch": {"vae": self.cfg.vae_batch_size // w,
-                                                    "unet": self.cfg.batch_size // w}}
+    # -- the log -------------------------------------------------------------------------------------------------
 
     def _log(self, event: str) -> None:
         """Append one line to train_log.jsonl (rank 0): the event, step, stage, last loss and the parallelism."""
@@ -399,7 +380,7 @@ class Trainer:
         losses = self.history.vae + self.history.unet
         record = {"event": event, "step": self.step, "stage": self._stage_built or self.stage,
                   "loss": losses[-1] if losses else None, "seconds": round(self.history.seconds, 3),
-                  **self._parallelism(), "global_batch": {"vae": self.cfg.vae_batch_size, "unet": self.cfg.batch_size}}
+                  **parallelism(self.cfg, self.topo.world_size), "global_batch": {"vae": self.cfg.vae_batch_size, "unet": self.cfg.batch_size}}
         with open(self.out / LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -472,16 +453,15 @@ class Trainer:
 
         if self.scaling_factor is None:
             raise RuntimeError("pipeline: the UNet stage has not started yet (no latent scaling factor)")
-        preset = family_preset(self.cfg, self.scaling_factor)
         vae = copy.deepcopy(self.vae).eval()
-        vae.config = preset.vae
+        vae.config = replace(self.cfg.vae, scaling_factor=self.scaling_factor)  # measured at the UNet stage's start
         unet, text = self.unet, self.text_encoder
         if ema and "unet" in self.ema:
             unet, text = self.ema["unet"].copy_to(unet), self.ema["text_encoder"].copy_to(text)
         else:
             unet, text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
         return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=self.tokenizer,
-                                       scheduler=DDIMScheduler.from_config(SCHEDULER), family=preset)
+                                       scheduler=DDIMScheduler.from_config(SCHEDULER))  # a family of its own: none
 
     def save_samples(self, steps: int = 20, guidance: float = 5.0) -> Path:
         from ldm.train.plots import image_grid
@@ -513,7 +493,7 @@ class Trainer:
                 tensors.update({f"optimizer.{names[id(p)]}.{key}": v for key, v in s.items()})
         meta = {"step": self.step, "stage": self._stage_built, "config": self.cfg.to_json(),
                 "scaling_factor": self.scaling_factor, "ema_updates": {n: e.updates for n, e in self.ema.items()},
-                "losses": dataclasses.asdict(self.history), **self._parallelism()}
+                "losses": dataclasses.asdict(self.history), **parallelism(self.cfg, self.topo.world_size)}
         return save_state(self.checkpoint_path, tensors, meta)
 
     def _restore(self, state: dict[str, Tensor], meta: dict[str, Any], path: Path) -> None:
@@ -551,38 +531,6 @@ class Trainer:
             self._stage_built = "vae"
         else:
             self._build_stage()
-
-
-class _VAEStage(nn.Module):
-    """Stage 1's forward for DDP: x (n, 3, h, w) and the posterior noise (n, C, h/f, w/f) -> the reconstruction and
-    the KL per latent element (what posterior.sample(generator) would draw, the noise given)."""
-
-    def __init__(self, vae: AutoencoderKL) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        posterior = self.vae.encode(x)
-        z = posterior.mean + posterior.std * noise  # (n, C, h/f, w/f)
-        return self.vae.decode(z), posterior.kl().mean() / z[0].numel()
-
-
-class _UNetStage(nn.Module):
-    """Stage 2's forward for DDP: the UNet's noise prediction (n, C, h, w) for z_t, t and the caption ids (n, S)."""
-
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
-        super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-
-    def forward(self, zt: Tensor, t: Tensor, ids: Tensor) -> Tensor:
-        return self.unet(zt, t, self.text_encoder(ids).last_hidden_state)  # context (n, S, D)
-
-
-def _check_shardable(cfg: TrainConfig, world_size: int) -> None:
-    for name in ("vae_batch_size", "batch_size"):
-        if getattr(cfg, name) % world_size:
-            raise ValueError(f"{name} {getattr(cfg, name)} is the global batch and must split evenly over the "
-                             f"{world_size} processes (a multiple of {world_size})")
 
 
 def _prepare_out_dir(out_dir: str) -> Path:
