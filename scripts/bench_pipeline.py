@@ -87,7 +87,7 @@ def bench_ours(args: argparse.Namespace, model: str, dtype: torch.dtype) -> dict
               scheduler=args.scheduler, output_type="np")
     totals, steps, out = timed_runs(lambda cb: pipe(args.prompt, callback=cb, **kw), args.device, args.repeats)
     result = summary("ldm", load_s, totals, steps, args)
-    family = pipe.family.name
+    family = pipe.family.name if pipe.family is not None else "none"
     del pipe
     return result | {"family": family, "images": out.images, "latents": out.latents.float().cpu()}
 
