@@ -242,7 +242,7 @@ def tiny_pipeline(tok: CLIPTokenizer) -> StableDiffusionPipeline:
         unet=trained_like_(UNet2DConditionModel(unet), seed=1).eval(),
         vae=trained_like_(AutoencoderKL(vae), seed=2).eval(),
         text_encoder=trained_like_(CLIPTextModel(text), seed=3).eval(),
-        tokenizer=tok, scheduler=DDIMScheduler.from_config(SD15.scheduler), family=SD15)
+        tokenizer=tok, scheduler=DDIMScheduler.from_config(SD15.scheduler))  # SD 1.x-shaped, no family's sizes
 
 
 # The tokenizer tests' hard prompts (whitespace, unicode, specials, long texts), reused where ids are compared
