@@ -137,6 +137,23 @@ def _parse_line(line: str, where: str) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if v is not None or k == "negative_prompt"}
 
 
+def add_arguments(g: argparse.ArgumentParser) -> None:
+    """`ldm generate`'s batch options (registered by ldm/cli.py); any of them makes the command a batch job."""
+    batch = g.add_argument_group("batch generation (ldm/batch.py, docs/scale.md; under torchrun: one shard per rank)")
+    batch.add_argument("--prompts", metavar="FILE", default=None,
+                       help="a text file (one prompt a line) or JSONL (prompt, negative_prompt, seed, steps, "
+                            "guidance, width, height, scheduler per line); image k gets seed SEED + k")
+    batch.add_argument("--outdir", metavar="DIR", default=None,
+                       help="where the images, job.json and manifest.jsonl go; a rerun resumes the job")
+    batch.add_argument("--batch-size", type=int, metavar="N", default=None,
+                       help="images per forward among lines that share settings (default 1; part of the job)")
+
+
+def requested(args: argparse.Namespace) -> bool:
+    """Whether `ldm generate` was asked for a batch job (then `run` takes over)."""
+    return args.prompts is not None or args.outdir is not None or args.batch_size is not None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The command-line checks of batch mode (the numeric ones as `ldm generate` makes them)."""
     if args.prompts is None or args.outdir is None:

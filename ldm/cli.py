@@ -47,8 +47,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Stable Diffusion 1.x / 2.x from scratch in PyTorch.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Each command's and each feature's options live with its code: `add_arguments(parser)` in its module.
+    from ldm import adapters, batch, control_cli, hires, summary, upscale_cli
+    from ldm.train import cli as train_cli
+    from ldm.train import embedding_cli
+
     g = commands.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
                             description="Generate images and write them as PNGs with their generation parameters.")
+    add_arguments(g)  # the prompt, the model, sampling, output, memory and speed (below)
+    control_cli.add_arguments(g)  # --controlnet, --control-*, --canny-*, --guess-mode (ldm/control_cli.py)
+    adapters.add_arguments(g)  # --embedding, --lora, --lora-dir (ldm/adapters.py)
+    batch.add_arguments(g)  # --prompts, --outdir, --batch-size (ldm/batch.py)
+    hires.add_arguments(g)  # --hires-* (ldm/hires.py)
+    g.set_defaults(run=generate)
+
+    for name, module, help_, description in (
+            ("upscale", upscale_cli, "upscale a picture 4x with the SD x4 upscaler",
+             "Upscale a picture 4x (each side) with the SD x4 upscaler, guided by a prompt."),
+            ("inspect", summary, "layer tables of a model (a family preset needs no weights)",
+             "Layer tables (name, input and output shapes, parameters) of each part."),
+            ("train", train_cli, "train a small latent diffusion model on captioned shapes (CPU)",
+             "Train the VAE, then the UNet with a small CLIP, on the shapes dataset."),
+            ("train-embedding", embedding_cli, "teach the shapes model a new word (textual inversion, CPU)",
+             "Learn a word's vectors from images of a new concept (default: orange shapes), everything else "
+             "frozen; writes an A1111 / diffusers embedding.")):
+        c = commands.add_parser(name, help=help_, description=description)
+        module.add_arguments(c)
+        if name in ("inspect", "train"):  # these two also take --debug after the command (generate too, above)
+            c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        c.set_defaults(run=module.run)
+    return parser
+
+
+def add_arguments(g: argparse.ArgumentParser) -> None:
+    """`ldm generate`'s own options; the features' come from their modules (build_parser)."""
     g.add_argument("prompt", nargs="?", default=None, help="what to draw (or --prompts FILE --outdir DIR)")
     g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, or a hub id (from the local "
                                    "huggingface_hub cache); default: the packaged 64x64 shapes model")
@@ -76,21 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None,
                    help="how much of the init image to repaint, in (0, 1] (default 0.8; 1.0 for inpainting)")
     g.add_argument("--mask", default=None, help="inpainting: white = repaint, same size as --init-image")
-    g.add_argument("--controlnet", action="append", metavar="PATH", default=None,
-                   help="a ControlNet file or folder (repeatable: several ControlNets, one --control-image each)")
-    g.add_argument("--control-image", action="append", metavar="IMG", default=None,
-                   help="the control image of each --controlnet, in order (resized to the output)")
-    g.add_argument("--control-scale", action="append", type=float, metavar="S", default=None,
-                   help="conditioning scale, once for all or once per --controlnet (default 1.0)")
-    g.add_argument("--control-start", action="append", type=float, metavar="A", default=None,
-                   help="fraction of the steps after which a ControlNet starts acting (default 0.0)")
-    g.add_argument("--control-end", action="append", type=float, metavar="B", default=None,
-                   help="fraction of the steps after which it stops (default 1.0)")
-    g.add_argument("--control-preprocess", action="append", choices=("none", "canny"), default=None,
-                   help="turn each --control-image into a control map first (canny: edges), once or once per image")
-    g.add_argument("--canny-low", type=float, default=100.0, help="Canny's lower threshold (default 100)")
-    g.add_argument("--canny-high", type=float, default=200.0, help="Canny's upper threshold (default 200)")
-    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (diffusers' formula)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt files (runs code!)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--optimize", action="store_true",
@@ -107,58 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-maps", metavar="DIR", default=None,
                    help="also write DIR/<index>-<word>.png: each prompt word's cross-attention heatmap over the image")
     g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    g.add_argument("--embedding", action="append", default=[], metavar="PATH",
-                   help="a textual inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds): its word "
-                        "(the file stem, or the diffusers file's token) in the prompts stands for its vectors; "
-                        "repeatable")
-    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA (kohya/A1111 or diffusers/PEFT) merged at SCALE (default 1); repeatable")
-    g.add_argument("--lora-dir", default=None, metavar="DIR",
-                   help="where A1111 prompt tags <lora:NAME:SCALE> find NAME.safetensors (or .pt, .bin)")
-
-    batch = g.add_argument_group("batch generation (ldm/batch.py, docs/scale.md; under torchrun: one shard per rank)")
-    batch.add_argument("--prompts", metavar="FILE", default=None,
-                       help="a text file (one prompt a line) or JSONL (prompt, negative_prompt, seed, steps, "
-                            "guidance, width, height, scheduler per line); image k gets seed SEED + k")
-    batch.add_argument("--outdir", metavar="DIR", default=None,
-                       help="where the images, job.json and manifest.jsonl go; a rerun resumes the job")
-    batch.add_argument("--batch-size", type=int, metavar="N", default=None,
-                       help="images per forward among lines that share settings (default 1; part of the job)")
-
-    from ldm import upscale_cli  # `ldm upscale` and the --hires-* options live in ldm/upscale_cli.py
-
-    upscale_cli.add_hires_arguments(g)
-    g.set_defaults(run=generate)
-
-    u = commands.add_parser("upscale", help="upscale a picture 4x with the SD x4 upscaler",
-                            description="Upscale a picture 4x (each side) with the SD x4 upscaler, guided by a prompt.")
-    upscale_cli.add_arguments(u)
-    u.set_defaults(run=upscale_cli.run)
-
-    from ldm import summary  # the layer tables of `ldm inspect MODEL` live with their code in ldm/summary.py
-
-    i = commands.add_parser("inspect", help="layer tables of a model (a family preset needs no weights)",
-                            description="Layer tables (name, input and output shapes, parameters) of each part.")
-    summary.add_arguments(i)
-    i.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    i.set_defaults(run=summary.run)
-
-    from ldm.train import cli as train_cli  # `ldm train`: its options and run live in ldm/train/cli.py
-
-    t = commands.add_parser("train", help="train a small latent diffusion model on captioned shapes (CPU)",
-                            description="Train the VAE, then the UNet with a small CLIP, on the shapes dataset.")
-    train_cli.add_arguments(t)
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    t.set_defaults(run=train_cli.run)
-
-    from ldm.train import embedding_cli  # `ldm train-embedding`: ldm/train/embedding_cli.py
-
-    e = commands.add_parser("train-embedding", help="teach the shapes model a new word (textual inversion, CPU)",
-                            description="Learn a word's vectors from images of a new concept (default: orange "
-                                        "shapes), everything else frozen; writes an A1111 / diffusers embedding.")
-    embedding_cli.add_arguments(e)
-    e.set_defaults(run=embedding_cli.run)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,45 +170,70 @@ def describe_error(e: BaseException) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
-    if args.prompts is not None or args.outdir is not None or args.batch_size is not None:
-        from ldm import batch  # batch generation, one process or torchrun's many
+    """`ldm generate`: check everything a model is not needed for, load the model, then run and write the images
+    batch by batch (and the attention maps, if asked). A batch job (--prompts) is ldm/batch.py's."""
+    from ldm import batch
 
+    if batch.requested(args):
         return batch.run(args)
-    if args.prompt is None:
-        raise UsageError("give a PROMPT, or --prompts FILE --outdir DIR for a batch")
     outputs = _check_args(args)
+    pipe = _load(args)
+    store = _attention_store(args)
+    result = _run_batches(pipe, args, outputs, store)
+    if store is not None:
+        from ldm.research import save_attention_maps
 
-    from ldm.research import AttentionStore, save_attention_maps, use_processor
+        for path in save_attention_maps(store, pipe.tokenizer, args.prompt, result.images, args.attention_maps,
+                                        weighting=args.weighting):
+            print(path)
+    return 0
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The model on its device, with the --embedding / --lora adapters and, with --optimize, the speed levers."""
+    from ldm import adapters
 
     device, dtype = device_and_dtype(args)
     pipe = load_model(args, device, dtype)
-    _load_adapters(pipe, args)
+    adapters.load_from_args(pipe, args)
     if args.optimize:
         _optimize(pipe, args)
+    return pipe
+
+
+def _attention_store(args: argparse.Namespace) -> Any:
+    """--attention-maps: a processor that sums each word's cross-attention (heatmap sums only); None without."""
+    if not args.attention_maps:
+        return None
+    from ldm.research import AttentionStore
+
+    return AttentionStore(keep=False, guided=args.guidance > 1)
+
+
+def _run_batches(pipe: Any, args: argparse.Namespace, outputs: list[Path], store: Any) -> Any:
+    """--num-images images (image i with seed S + i whatever the batches), as many per batch as fit in memory (all
+    in one with --attention-maps, which need them together); each batch's PNGs are written as it ends. Returns the
+    last batch's output. An error only the loaded model can tell is a UsageError saying what was written."""
+    from ldm import control_cli
+    from ldm.research import use_processor
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, seed=seed, num_images_per_prompt=args.num_images,
                   scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, weighting=args.weighting,
-                  output_type="pil", **_control_kwargs(args))
-    store = AttentionStore(keep=False, guided=args.guidance > 1) if args.attention_maps else None  # heatmap sums only
-    # The attention maps need every image in one batch; otherwise as many as fit in memory per batch.
+                  output_type="pil", **control_cli.pipeline_kwargs(args))
     per_batch = args.num_images if store else _images_per_batch(pipe, args)
     written, stamp = 0, _stamp(args, pipe)
     try:
         with use_processor(pipe.unet, store) if store else contextlib.nullcontext():
-            for start in range(0, args.num_images, per_batch):  # image i keeps seed S + i whatever the batches
+            for start in range(0, args.num_images, per_batch):
                 common.update(seed=seed + start, num_images_per_prompt=min(per_batch, args.num_images - start))
                 result, size = _run(pipe, args, common)
                 written += _write_images(args, stamp, outputs[start:], result, size)
     except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)
         done = f" ({written} of {args.num_images} images were written)" if written else ""
         raise UsageError(_one_line(e) + done) from None
-    if store is not None:
-        for path in save_attention_maps(store, pipe.tokenizer, args.prompt, result.images, args.attention_maps,
-                                        weighting=args.weighting):
-            print(path)
-    return 0
+    return result
 
 
 def load_model(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
@@ -294,7 +284,7 @@ def _stamp(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     if args.eta:
         extra["Eta"] = args.eta
     if args.hires_scale is not None:
-        from ldm.upscale_cli import hires_fields
+        from ldm.hires import hires_fields
 
         extra.update(hires_fields(args))
     return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
@@ -324,7 +314,7 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
     from tqdm import tqdm
 
     if args.hires_scale is not None:
-        from ldm.upscale_cli import run_hires
+        from ldm.hires import run_hires
 
         return run_hires(pipe, args, common)
 
@@ -355,58 +345,6 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
 
 
-def _control_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline's ControlNet arguments from --control-* (already checked by _check_control)."""
-    if not args.controlnet:
-        return {}
-    from ldm.canny import canny_image
-    from ldm.images import open_image
-
-    n = len(args.controlnet)
-    steps = _each(args.control_preprocess or ["none"], n)
-    images = []
-    for path, step in zip(args.control_image, steps):
-        image = open_image(path, "--control-image")
-        images.append(canny_image(image, args.canny_low, args.canny_high) if step == "canny" else image)
-    return {"control_image": images, "controlnet_conditioning_scale": _each(args.control_scale or [1.0], n),
-            "control_guidance_start": _each(args.control_start or [0.0], n),
-            "control_guidance_end": _each(args.control_end or [1.0], n), "guess_mode": args.guess_mode}
-
-
-def _each(values: list[Any], n: int) -> list[Any]:
-    return values * n if len(values) == 1 else values
-
-
-def _check_control(args: argparse.Namespace) -> None:
-    n = len(args.controlnet or [])
-    if not n:
-        for flag in ("control_image", "control_scale", "control_start", "control_end", "control_preprocess"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag.replace('_', '-')} needs --controlnet")
-        if args.guess_mode:
-            raise UsageError("--guess-mode needs --controlnet")
-        return
-    if len(args.control_image or []) != n:
-        raise UsageError(f"{n} --controlnet but {len(args.control_image or [])} --control-image: give one each")
-    for flag in ("control_scale", "control_start", "control_end", "control_preprocess"):
-        values = getattr(args, flag) or []
-        if len(values) not in (0, 1, n):
-            raise UsageError(f"--{flag.replace('_', '-')} given {len(values)} times: once for all or once per "
-                             f"--controlnet ({n})")
-    for a, b in zip(_each(args.control_start or [0.0], n), _each(args.control_end or [1.0], n)):
-        if not 0 <= a < b <= 1:
-            raise UsageError(f"--control-start {a} / --control-end {b}: need 0 <= start < end <= 1")
-    if not 0 <= args.canny_low <= args.canny_high:
-        raise UsageError(f"--canny-low {args.canny_low} / --canny-high {args.canny_high}: need 0 <= low <= high")
-    from ldm.images import open_image
-
-    for path in args.control_image:
-        try:
-            open_image(path, "--control-image")
-        except (ValueError, TypeError) as e:
-            raise UsageError(_one_line(e)) from None
-
-
 def _optimize(pipe: Any, args: argparse.Namespace) -> None:
     """Pull the device's default speed levers; compile now for a txt2img call and say how long it took.
 
@@ -429,7 +367,36 @@ def _strength(args: argparse.Namespace) -> float:
 
 
 def _check_args(args: argparse.Namespace) -> list[Path]:
-    """Every check possible before loading the model. Returns the output paths."""
+    """Every check possible before loading the model, the features' included. Returns the output paths."""
+    from ldm import adapters, control_cli, hires
+
+    if args.prompt is None:
+        raise UsageError("give a PROMPT, or --prompts FILE --outdir DIR for a batch")
+    _check_numbers(args)
+    for flag, text in (("prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        _check_utf8(flag, text)
+    if args.strength is not None:
+        if args.init_image is None:
+            raise UsageError("--strength needs --init-image")
+        if not 0 < args.strength <= 1:
+            raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.mask is not None and args.init_image is None:
+        raise UsageError("--mask needs --init-image")
+    if args.init_image is not None and (args.height is not None or args.width is not None):
+        raise UsageError("--height/--width do not apply with --init-image: the output has the image's size")
+    _check_images(args)
+    hires.check_args(args)
+    control_cli.check_args(args)
+    _check_model(args)
+    adapters.check_args(args)
+    _check_attention_maps(args)
+    if args.threads is not None and args.threads > MAX_THREADS:
+        raise UsageError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
+    return _check_outputs(args)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Sizes, counts, finite scales and the seed's range."""
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
@@ -442,26 +409,12 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
     for flag, value in (("--guidance", args.guidance), ("--eta", args.eta)):
         if not 0 <= value < math.inf:
             raise UsageError(f"{flag} must be >= 0 and finite, got {value}")
-    for flag, text in (("prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
-        _check_utf8(flag, text)
     if args.seed is not None and not 0 <= args.seed < 2**63 - args.num_images:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
-    if args.strength is not None:
-        if args.init_image is None:
-            raise UsageError("--strength needs --init-image")
-        if not 0 < args.strength <= 1:
-            raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-    if args.mask is not None and args.init_image is None:
-        raise UsageError("--mask needs --init-image")
-    if args.init_image is not None and (args.height is not None or args.width is not None):
-        raise UsageError("--height/--width do not apply with --init-image: the output has the image's size")
-    _check_images(args)
-    from ldm.upscale_cli import check_hires_args
 
-    check_hires_args(args)
-    _check_control(args)
-    _check_model(args)
-    _check_adapters(args)
+
+def _check_attention_maps(args: argparse.Namespace) -> None:
+    """--attention-maps DIR: a folder (or one to be made) that is writable, empty unless --overwrite."""
     maps = None if args.attention_maps is None else Path(args.attention_maps)
     if maps is not None and maps.exists() and not maps.is_dir():
         raise UsageError(f"--attention-maps: {str(maps)!r} is a file, not a folder")
@@ -472,9 +425,6 @@ def _check_args(args: argparse.Namespace) -> list[Path]:
             check_writable(maps if maps.is_dir() else maps.parent, "--attention-maps")
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if args.threads is not None and args.threads > MAX_THREADS:
-        raise UsageError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
-    return _check_outputs(args)
 
 
 def _check_images(args: argparse.Namespace) -> None:
@@ -505,56 +455,6 @@ def _check_model(args: argparse.Namespace) -> None:
     for flag, value in (("--model", args.model), ("--vae", args.vae)):
         if value is not None and not os.path.exists(value) and not _looks_like_hub_id(value):
             raise UsageError(f"{flag}: no such file or folder {value!r}")
-
-
-def _check_adapters(args: argparse.Namespace) -> None:
-    """--embedding, --lora and the prompt's <lora:NAME:SCALE> tags: files found and scales read, before any load.
-    The tags leave the prompt the model sees (args.prompt); the PNG's parameters keep them (args.prompt_as_given)."""
-    from ldm.lora import parse_lora_tags
-
-    args.prompt_as_given = args.prompt
-    try:
-        args.prompt, tags = parse_lora_tags(args.prompt)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    args.loras = [_lora_arg(value) for value in args.lora]
-    if tags and args.lora_dir is None:
-        raise UsageError(f"the prompt names <lora:{tags[0][0]}:...>: give --lora-dir, the folder that holds it")
-    for name, scale in tags:
-        found = [Path(args.lora_dir) / f"{name}{suffix}" for suffix in (".safetensors", ".pt", ".bin", ".ckpt")]
-        found = [path for path in found if path.is_file()]
-        if not found:
-            raise UsageError(f"<lora:{name}:...>: no {name}.safetensors (.pt, .bin, .ckpt) in --lora-dir "
-                             f"{args.lora_dir!r}")
-        args.loras.append((str(found[0]), scale))
-    for path in args.embedding:
-        if not os.path.isfile(path):
-            raise UsageError(f"--embedding: no such file {path!r}")
-
-
-def _lora_arg(value: str) -> tuple[str, float]:
-    """PATH or PATH:SCALE (a path may hold colons itself: the tail is a scale only if it reads as a number)."""
-    path, _, tail = value.rpartition(":")
-    try:
-        scale = float(tail) if path else None
-    except ValueError:
-        scale = None
-    if scale is None:
-        path, scale = value, 1.0
-    if not os.path.isfile(path):
-        raise UsageError(f"--lora: no such file {path!r}")
-    return path, scale
-
-
-def _load_adapters(pipe: Any, args: argparse.Namespace) -> None:
-    """Load the --embedding files and merge the LoRAs; a bad file is a usage error (exit 2)."""
-    try:
-        for path in args.embedding:
-            pipe.load_textual_inversion(path)
-        for i, (path, scale) in enumerate(args.loras):
-            pipe.load_lora_weights(path, adapter_name=f"{i}:{Path(path).stem}", weight=scale)
-    except (ValueError, OSError) as e:
-        raise UsageError(_one_line(e)) from None
 
 
 def _looks_like_hub_id(value: str) -> bool:

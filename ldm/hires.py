@@ -16,13 +16,18 @@ large size adds the detail the enlargement lacks while keeping the composition:
 Both passes use the same prompts, guidance, scheduler and seeds (image i: seed S + i in both, as A1111 reuses the
 seed). `hires_steps` is the second pass's schedule length; like img2img it runs int(hires_steps * strength) steps.
 
+The command line's --hires-* options (`ldm generate --hires-scale S`) are registered, checked and run at the end.
+
 Shapes: B images, h, w base latent size, s the scale, H, W base image size.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+import os
+import sys
 from typing import Any
 
 import torch
@@ -121,3 +126,89 @@ def _check_hires(strength: float, hires_steps: int | None, upscaler: Any) -> Non
     elif not callable(upscaler) or not hasattr(upscaler, "max_noise_level"):
         raise TypeError(f"upscaler must be one of {UPSCALERS} or an ldm StableDiffusionUpscalePipeline, got "
                         f"{type(upscaler).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `ldm generate --hires-scale S [--hires-strength 0.5] [--hires-steps N] [--hires-upscaler latent|pixel]
+# [--hires-model X4]` (registered by ldm/cli.py)
+
+
+def add_arguments(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                   help="hires fix: generate at the base size, enlarge S times (1 < S <= 8), then img2img at the "
+                        "large size (the output is S x --height/--width)")
+    g.add_argument("--hires-strength", type=float, default=None,
+                   help="hires fix: how much the second pass repaints, in (0, 1] (default 0.5)")
+    g.add_argument("--hires-steps", type=int, default=None,
+                   help="hires fix: the second pass's schedule length (default --steps; it runs steps x strength)")
+    g.add_argument("--hires-upscaler", choices=UPSCALERS, default=None,
+                   help="hires fix: enlarge the latents (bilinear, default) or the decoded pixels (Lanczos)")
+    g.add_argument("--hires-model", default=None,
+                   help="hires fix: enlarge through this x4 upscaler model (file, folder or hub id) instead")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The --hires-* checks `ldm generate` can make before loading anything."""
+    from ldm.cli import UsageError, _looks_like_hub_id
+
+    given = [f for f, v in (("--hires-strength", args.hires_strength), ("--hires-steps", args.hires_steps),
+                            ("--hires-upscaler", args.hires_upscaler), ("--hires-model", args.hires_model))
+             if v is not None]
+    if args.hires_scale is None:
+        if given:
+            raise UsageError(f"{given[0]} needs --hires-scale")
+        return
+    if not 1 < args.hires_scale <= 8:
+        raise UsageError(f"--hires-scale must be in (1, 8], got {args.hires_scale}")
+    if args.hires_strength is not None and not 0 < args.hires_strength <= 1:
+        raise UsageError(f"--hires-strength must be in (0, 1], got {args.hires_strength}")
+    if args.hires_steps is not None and args.hires_steps < 1:
+        raise UsageError(f"--hires-steps must be >= 1, got {args.hires_steps}")
+    if args.init_image is not None:
+        raise UsageError("--hires-scale applies to txt2img, not with --init-image")
+    if args.hires_model is not None:
+        if args.hires_upscaler is not None:
+            raise UsageError("give --hires-upscaler or --hires-model, not both")
+        if not os.path.exists(args.hires_model) and not _looks_like_hub_id(args.hires_model):
+            raise UsageError(f"--hires-model: no such file or folder {args.hires_model!r}")
+
+
+def run_hires(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[Any, tuple[int, int]]:
+    """`ldm generate --hires-scale`: the hires fix under one progress bar. Returns the output and the base
+    (width, height), which A1111's metadata calls Size."""
+    from tqdm import tqdm
+
+    from ldm.upscale_cli import load_upscaler
+
+    strength, hires_steps, _ = _hires_settings(args)
+    upscaler: Any = args.hires_upscaler or "latent"
+    upscaler_kwargs: dict[str, Any] = {}
+    if args.hires_model is not None:
+        upscaler = load_upscaler(args.hires_model, args)
+        upscaler_kwargs = {"num_inference_steps": hires_steps}
+    total = args.steps + min(int(hires_steps * strength), hires_steps)
+    common = {k: v for k, v in common.items() if k not in ("output_type", "callback")}
+    with tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
+        result = hires_fix(pipe, args.prompt, scale=args.hires_scale, strength=strength, hires_steps=hires_steps,
+                           upscaler=upscaler, height=args.height, width=args.width, upscaler_kwargs=upscaler_kwargs,
+                           callback=lambda i, t, latents: bar.update(1), **common)
+    native = pipe.native_size
+    return result, (args.width or native, args.height or native)
+
+
+def hires_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The A1111 metadata of a hires-fix run: Denoising strength, Hires upscale, Hires steps, Hires upscaler."""
+    strength, hires_steps, name = _hires_settings(args)
+    return {"Denoising strength": strength, "Hires upscale": args.hires_scale, "Hires steps": hires_steps,
+            "Hires upscaler": name}
+
+
+def _hires_settings(args: argparse.Namespace) -> tuple[float, int, str]:
+    """(strength, second-pass steps, the upscaler's A1111 name) with their defaults."""
+    strength = 0.5 if args.hires_strength is None else args.hires_strength
+    steps = args.steps if args.hires_steps is None else args.hires_steps
+    if args.hires_model is not None:
+        from ldm.cli import _model_name
+
+        return strength, steps, _model_name(args.hires_model)
+    return strength, steps, {"latent": "Latent", "pixel": "Lanczos"}[args.hires_upscaler or "latent"]
