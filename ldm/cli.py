@@ -189,181 +189,8 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> Any:
-    """The model on its device, with the --embedding / --lora adapters and, with --optimize, the speed levers."""
-    from ldm import adapters
-
-    device, dtype = device_and_dtype(args)
-    pipe = load_model(args, device, dtype)
-    adapters.load_from_args(pipe, args)
-    if args.optimize:
-        _optimize(pipe, args)
-    return pipe
-
-
-def _attention_store(args: argparse.Namespace) -> Any:
-    """--attention-maps: a processor that sums each word's cross-attention (heatmap sums only); None without."""
-    if not args.attention_maps:
-        return None
-    from ldm.research import AttentionStore
-
-    return AttentionStore(keep=False, guided=args.guidance > 1)
-
-
-def _run_batches(pipe: Any, args: argparse.Namespace, outputs: list[Path], store: Any) -> Any:
-    """--num-images images (image i with seed S + i whatever the batches), as many per batch as fit in memory (all
-    in one with --attention-maps, which need them together); each batch's PNGs are written as it ends. Returns the
-    last batch's output. An error only the loaded model can tell is a UsageError saying what was written."""
-    from ldm import control_cli
-    from ldm.research import use_processor
-
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
-    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, seed=seed, num_images_per_prompt=args.num_images,
-                  scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, weighting=args.weighting,
-                  output_type="pil", **control_cli.pipeline_kwargs(args))
-    per_batch = args.num_images if store else _images_per_batch(pipe, args)
-    written, stamp = 0, _stamp(args, pipe)
-    try:
-        with use_processor(pipe.unet, store) if store else contextlib.nullcontext():
-            for start in range(0, args.num_images, per_batch):
-                common.update(seed=seed + start, num_images_per_prompt=min(per_batch, args.num_images - start))
-                result, size = _run(pipe, args, common)
-                written += _write_images(args, stamp, outputs[start:], result, size)
-    except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)
-        done = f" ({written} of {args.num_images} images were written)" if written else ""
-        raise UsageError(_one_line(e) + done) from None
-    return result
-
-
-def load_model(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
-    """load_pipeline with the command's model options and memory switches (--vae-tiling, --attention-chunk);
-    a model that does not load is a UsageError. Shared with batch generation (ldm/batch.py)."""
-    import ldm
-    from ldm.upscale import StableDiffusionUpscalePipeline
-
-    try:
-        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
-                                 allow_pickle=args.allow_pickle, controlnet=getattr(args, "controlnet", None) or None)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
-    if isinstance(pipe, StableDiffusionUpscalePipeline):
-        raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
-                         f"--hires-model with another model)")
-    if args.vae_tiling:
-        pipe.enable_vae_tiling()
-    if args.attention_chunk is not None:
-        pipe.enable_attention_chunking(args.attention_chunk)
-    return pipe
-
-
-def _images_per_batch(pipe: Any, args: argparse.Namespace) -> int:
-    """How many images one batch may hold in the free memory; a UsageError with the figures if not even one."""
-    from ldm.limits import MemoryLimitError, check_generation, images_per_batch
-
-    if args.init_image is not None:
-        width, height = _image_size(args.init_image)
-    else:
-        height = args.height or pipe.native_size
-        width = args.width or pipe.native_size
-    try:
-        check_generation(pipe, height, width, 1, args.guidance > 1)
-    except MemoryLimitError as e:
-        raise UsageError(str(e)) from None
-    return images_per_batch(pipe, height, width, args.num_images, args.guidance > 1)
-
-
-def _stamp(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
-    """The generation parameters every PNG of the run records (the model hash is computed once)."""
-    sampler = args.scheduler or schedulers.name_of(pipe.scheduler)
-    extra: dict[str, Any] = {}
-    if args.init_image is not None:
-        extra["Denoising strength"] = _strength(args)
-    if args.clip_skip is not None:
-        extra["Clip skip"] = args.clip_skip
-    if args.eta:
-        extra["Eta"] = args.eta
-    if args.hires_scale is not None:
-        from ldm.hires import hires_fields
-
-        extra.update(hires_fields(args))
-    return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
-                guidance_scale=args.guidance, model_name=_model_name(args.model), model_hash=model_hash(args.model),
-                extra=extra)
-
-
-def _write_images(args: argparse.Namespace, stamp: dict[str, Any], outputs: list[Path], result: Any,
-                  size: tuple[int, int]) -> int:
-    """Write one batch's PNGs with their parameters; returns how many. A failed write (a full disk) removes its
-    temporary file and raises a UsageError naming the file; the images already written stay, each complete."""
-    for path, image, image_seed in zip(outputs, result.images, result.seeds):
-        text = a1111_parameters(getattr(args, "prompt_as_given", args.prompt), seed=image_seed, width=size[0], height=size[1], **stamp)
-        try:
-            save_png(image, path, parameters=text, overwrite=args.overwrite)
-        except FileExistsError:
-            raise UsageError(f"output {str(path)!r} appeared while generating; not overwritten (use --overwrite)") \
-                from None
-        except OSError as e:
-            raise UsageError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-        print(path)
-    return len(result.images)
-
-
-def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[Any, tuple[int, int]]:
-    """Run the right pipeline method under a progress bar. Returns the output and the (width, height)."""
-    from tqdm import tqdm
-
-    if args.hires_scale is not None:
-        from ldm.hires import run_hires
-
-        return run_hires(pipe, args, common)
-
-    steps = args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
-    with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
-        common["callback"] = lambda i, t, latents: bar.update(1)
-        if args.init_image is None:
-            result = pipe(args.prompt, height=args.height, width=args.width, **common)
-        elif args.mask is None:
-            result = pipe.img2img(args.prompt, args.init_image, strength=_strength(args), **common)
-        else:
-            result = pipe.inpaint(args.prompt, args.init_image, args.mask, strength=_strength(args), **common)
-    return result, result.images[0].size
-
-
-def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
-    """--device / --dtype / --threads: the device name and torch dtype (UsageError where they cannot work)."""
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available")
-    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    if dtype_name == "fp16" and device == "cpu":
-        raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-
-
-def _optimize(pipe: Any, args: argparse.Namespace) -> None:
-    """Pull the device's default speed levers; compile now for a txt2img call and say how long it took.
-
-    With --attention-maps the UNet stays eager (the heatmap processor is Python that a compiled graph would not
-    run); the other levers still apply.
-    """
-    from ldm.optimize import warm_up
-
-    pipe.optimize(compile=False if args.attention_maps else None)
-    if pipe.levers.compile and args.init_image is None:  # img2img / inpainting compile on their first step
-        seconds = warm_up(pipe, height=args.height, width=args.width, batch=args.num_images, guided=args.guidance > 1,
-                          scheduler=args.scheduler)
-        print(f"ldm generate: compiled the UNet in {seconds:.1f} s", file=sys.stderr)
-
-
-def _strength(args: argparse.Namespace) -> float:
-    if args.strength is not None:
-        return args.strength
-    return 1.0 if args.mask is not None else 0.8
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Checks: everything that needs no model, before any load
 
 
 def _check_args(args: argparse.Namespace) -> list[Path]:
@@ -413,20 +240,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
 
 
-def _check_attention_maps(args: argparse.Namespace) -> None:
-    """--attention-maps DIR: a folder (or one to be made) that is writable, empty unless --overwrite."""
-    maps = None if args.attention_maps is None else Path(args.attention_maps)
-    if maps is not None and maps.exists() and not maps.is_dir():
-        raise UsageError(f"--attention-maps: {str(maps)!r} is a file, not a folder")
-    if maps is not None and maps.is_dir() and any(maps.iterdir()) and not args.overwrite:
-        raise UsageError(f"--attention-maps: folder {str(maps)!r} is not empty; use --overwrite to write into it")
-    if maps is not None and (maps.is_dir() or maps.parent.is_dir()):
-        try:
-            check_writable(maps if maps.is_dir() else maps.parent, "--attention-maps")
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-
-
 def _check_images(args: argparse.Namespace) -> None:
     if args.init_image is None:
         return
@@ -460,6 +273,20 @@ def _check_model(args: argparse.Namespace) -> None:
 def _looks_like_hub_id(value: str) -> bool:
     """'org/name' (not a path that happens to be missing: no leading ./ or /, no checkpoint suffix)."""
     return bool(_HUB_ID.match(value)) and not value.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _check_attention_maps(args: argparse.Namespace) -> None:
+    """--attention-maps DIR: a folder (or one to be made) that is writable, empty unless --overwrite."""
+    maps = None if args.attention_maps is None else Path(args.attention_maps)
+    if maps is not None and maps.exists() and not maps.is_dir():
+        raise UsageError(f"--attention-maps: {str(maps)!r} is a file, not a folder")
+    if maps is not None and maps.is_dir() and any(maps.iterdir()) and not args.overwrite:
+        raise UsageError(f"--attention-maps: folder {str(maps)!r} is not empty; use --overwrite to write into it")
+    if maps is not None and (maps.is_dir() or maps.parent.is_dir()):
+        try:
+            check_writable(maps if maps.is_dir() else maps.parent, "--attention-maps")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
@@ -502,15 +329,6 @@ def _free_name(prompt: str, n: int) -> Path:
     raise UsageError(f"no free file name for {stem!r} in the current folder: pass --out")
 
 
-def _model_name(model: str) -> str:
-    path = Path(model)
-    if path.is_file():
-        return path.stem
-    if path.is_dir():
-        return path.resolve().name
-    return model  # a hub id
-
-
 def _check_utf8(flag: str, text: str | None) -> None:
     """A prompt the shell handed over with bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
     if text is None:
@@ -522,12 +340,210 @@ def _check_utf8(flag: str, text: str | None) -> None:
                          f"terminal's encoding") from None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Loading: the model on its device, adapters, speed levers
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The model on its device, with the --embedding / --lora adapters and, with --optimize, the speed levers."""
+    from ldm import adapters
+
+    device, dtype = device_and_dtype(args)
+    pipe = load_model(args, device, dtype)
+    adapters.load_from_args(pipe, args)
+    if args.optimize:
+        _optimize(pipe, args)
+    return pipe
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
+    """--device / --dtype / --threads: the device name and torch dtype (UsageError where they cannot work)."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if dtype_name == "fp16" and device == "cpu":
+        raise UsageError("--dtype fp16 needs --device cuda (on the CPU use fp32 or bf16)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+
+
+def load_model(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
+    """load_pipeline with the command's model options and memory switches (--vae-tiling, --attention-chunk);
+    a model that does not load is a UsageError. Shared with batch generation (ldm/batch.py)."""
+    import ldm
+    from ldm.upscale import StableDiffusionUpscalePipeline
+
+    try:
+        pipe = ldm.load_pipeline(args.model, dtype=dtype, device=device, family=args.family, vae=args.vae,
+                                 allow_pickle=args.allow_pickle, controlnet=getattr(args, "controlnet", None) or None)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"cannot load model {args.model!r}: {_one_line(e)}") from None
+    if isinstance(pipe, StableDiffusionUpscalePipeline):
+        raise UsageError(f"{args.model!r} is the x4 upscaler: use `ldm upscale IMAGE --model {args.model}` (or "
+                         f"--hires-model with another model)")
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    if args.attention_chunk is not None:
+        pipe.enable_attention_chunking(args.attention_chunk)
+    return pipe
+
+
+def _optimize(pipe: Any, args: argparse.Namespace) -> None:
+    """Pull the device's default speed levers; compile now for a txt2img call and say how long it took.
+
+    With --attention-maps the UNet stays eager (the heatmap processor is Python that a compiled graph would not
+    run); the other levers still apply.
+    """
+    from ldm.optimize import warm_up
+
+    pipe.optimize(compile=False if args.attention_maps else None)
+    if pipe.levers.compile and args.init_image is None:  # img2img / inpainting compile on their first step
+        seconds = warm_up(pipe, height=args.height, width=args.width, batch=args.num_images, guided=args.guidance > 1,
+                          scheduler=args.scheduler)
+        print(f"ldm generate: compiled the UNet in {seconds:.1f} s", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Running: as many images per batch as fit, each batch under a progress bar
+
+
+def _attention_store(args: argparse.Namespace) -> Any:
+    """--attention-maps: a processor that sums each word's cross-attention (heatmap sums only); None without."""
+    if not args.attention_maps:
+        return None
+    from ldm.research import AttentionStore
+
+    return AttentionStore(keep=False, guided=args.guidance > 1)
+
+
+def _run_batches(pipe: Any, args: argparse.Namespace, outputs: list[Path], store: Any) -> Any:
+    """--num-images images (image i with seed S + i whatever the batches), as many per batch as fit in memory (all
+    in one with --attention-maps, which need them together); each batch's PNGs are written as it ends. Returns the
+    last batch's output. An error only the loaded model can tell is a UsageError saying what was written."""
+    from ldm import control_cli
+    from ldm.research import use_processor
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, seed=seed, num_images_per_prompt=args.num_images,
+                  scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip, weighting=args.weighting,
+                  output_type="pil", **control_cli.pipeline_kwargs(args))
+    per_batch = args.num_images if store else _images_per_batch(pipe, args)
+    written, stamp = 0, _stamp(args, pipe)
+    try:
+        with use_processor(pipe.unet, store) if store else contextlib.nullcontext():
+            for start in range(0, args.num_images, per_batch):
+                common.update(seed=seed + start, num_images_per_prompt=min(per_batch, args.num_images - start))
+                result, size = _run(pipe, args, common)
+                written += _write_images(args, stamp, outputs[start:], result, size)
+    except ValueError as e:  # what only the loaded model can tell (e.g. an inpainting model without --mask)
+        done = f" ({written} of {args.num_images} images were written)" if written else ""
+        raise UsageError(_one_line(e) + done) from None
+    return result
+
+
+def _images_per_batch(pipe: Any, args: argparse.Namespace) -> int:
+    """How many images one batch may hold in the free memory; a UsageError with the figures if not even one."""
+    from ldm.limits import MemoryLimitError, check_generation, images_per_batch
+
+    if args.init_image is not None:
+        width, height = _image_size(args.init_image)
+    else:
+        height = args.height or pipe.native_size
+        width = args.width or pipe.native_size
+    try:
+        check_generation(pipe, height, width, 1, args.guidance > 1)
+    except MemoryLimitError as e:
+        raise UsageError(str(e)) from None
+    return images_per_batch(pipe, height, width, args.num_images, args.guidance > 1)
+
+
+def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[Any, tuple[int, int]]:
+    """Run the right pipeline method under a progress bar. Returns the output and the (width, height)."""
+    from tqdm import tqdm
+
+    if args.hires_scale is not None:
+        from ldm.hires import run_hires
+
+        return run_hires(pipe, args, common)
+
+    steps = args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
+    with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
+        common["callback"] = lambda i, t, latents: bar.update(1)
+        if args.init_image is None:
+            result = pipe(args.prompt, height=args.height, width=args.width, **common)
+        elif args.mask is None:
+            result = pipe.img2img(args.prompt, args.init_image, strength=_strength(args), **common)
+        else:
+            result = pipe.inpaint(args.prompt, args.init_image, args.mask, strength=_strength(args), **common)
+    return result, result.images[0].size
+
+
+def _strength(args: argparse.Namespace) -> float:
+    if args.strength is not None:
+        return args.strength
+    return 1.0 if args.mask is not None else 0.8
+
+
 def _image_size(path: str) -> tuple[int, int]:
     """(width, height) of an image file, from its header."""
     from PIL import Image
 
     with Image.open(path) as img:
         return img.size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Writing: PNGs with their generation parameters
+
+
+def _stamp(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """The generation parameters every PNG of the run records (the model hash is computed once)."""
+    sampler = args.scheduler or schedulers.name_of(pipe.scheduler)
+    extra: dict[str, Any] = {}
+    if args.init_image is not None:
+        extra["Denoising strength"] = _strength(args)
+    if args.clip_skip is not None:
+        extra["Clip skip"] = args.clip_skip
+    if args.eta:
+        extra["Eta"] = args.eta
+    if args.hires_scale is not None:
+        from ldm.hires import hires_fields
+
+        extra.update(hires_fields(args))
+    return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
+                guidance_scale=args.guidance, model_name=_model_name(args.model), model_hash=model_hash(args.model),
+                extra=extra)
+
+
+def _write_images(args: argparse.Namespace, stamp: dict[str, Any], outputs: list[Path], result: Any,
+                  size: tuple[int, int]) -> int:
+    """Write one batch's PNGs with their parameters; returns how many. A failed write (a full disk) removes its
+    temporary file and raises a UsageError naming the file; the images already written stay, each complete."""
+    for path, image, image_seed in zip(outputs, result.images, result.seeds):
+        text = a1111_parameters(getattr(args, "prompt_as_given", args.prompt), seed=image_seed, width=size[0], height=size[1], **stamp)
+        try:
+            save_png(image, path, parameters=text, overwrite=args.overwrite)
+        except FileExistsError:
+            raise UsageError(f"output {str(path)!r} appeared while generating; not overwritten (use --overwrite)") \
+                from None
+        except OSError as e:
+            raise UsageError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        print(path)
+    return len(result.images)
+
+
+def _model_name(model: str) -> str:
+    path = Path(model)
+    if path.is_file():
+        return path.stem
+    if path.is_dir():
+        return path.resolve().name
+    return model  # a hub id
 
 
 def _one_line(e: BaseException) -> str:
