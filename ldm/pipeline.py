@@ -62,9 +62,8 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
 
     Built by `ldm.load_pipeline`, or from parts as a diffusers user composes one:
     `StableDiffusionPipeline(unet=..., vae=..., text_encoder=..., tokenizer=..., scheduler=...)`. The parts carry
-    their configs (`pipe.unet.config`, the scheduler's prediction type); `family` (an `ldm.config.FamilyPreset`,
-    optional) names the family the parts are, None when they are no preset's (the loader's rule: docs/loading.md,
-    "The family"), and gives the native image size. Device and dtype are
+    their configs (`pipe.unet.config`, the scheduler's prediction type); `family` (an `ldm.config.FamilyPreset`
+    or None: docs/loading.md) is the family the parts are, and gives the native image size. Device and dtype are
     those of the modules (`pipe.to(...)`).
     """
 

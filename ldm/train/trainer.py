@@ -461,7 +461,7 @@ class Trainer:
         else:
             unet, text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
         return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=self.tokenizer,
-                                       scheduler=DDIMScheduler.from_config(SCHEDULER))  # a family of its own: none
+                                       scheduler=DDIMScheduler.from_config(SCHEDULER))  # no family: its own sizes
 
     def save_samples(self, steps: int = 20, guidance: float = 5.0) -> Path:
         from ldm.train.plots import image_grid
