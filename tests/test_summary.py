@@ -146,6 +146,21 @@ def test_loaded_checkpoint_is_described(tmp_path) -> None:
         assert tables[component].total_params == sum(p.numel() for p in module.parameters())
 
 
+def test_loaded_folder_without_family_is_described_from_its_parts() -> None:
+    """The packaged shapes model is no family: the tables come from its parts' configs, titled with its folder's
+    name, at its own native size (unet.sample_size 16 x the VAE's 4 = 64 px)."""
+    from ldm.train import DEFAULT_MODEL_DIR
+
+    tables = inspect_model(DEFAULT_MODEL_DIR, depth=0)
+    pipe = ldm.load_pipeline(DEFAULT_MODEL_DIR)
+    assert pipe.family is None
+    for component in COMPONENTS:
+        assert tables[component].title.startswith(f"shapes-model {component}:")
+        assert tables[component].title.endswith("image 64x64")
+        assert tables[component].total_params == sum(p.numel() for p in getattr(pipe, component).parameters())
+    assert tables["unet"].rows[0].input_shape == (1, pipe.unet.config.in_channels, 16, 16)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(model="sd3"), "family name"), (dict(model="sd15", size=500), "multiple of 64"),
     (dict(model="sd15", components=["clip"]), "components"),
