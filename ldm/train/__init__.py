@@ -20,8 +20,8 @@ _EXPORTS = {
     "export_model": "export",
     "COLOURS": "shapes", "HELD_OUT": "shapes", "SHAPES": "shapes", "Prediction": "shapes",
     "ShapesDataset": "shapes", "classify": "shapes",
-    "DEFAULT_TEXT": "trainer", "DEFAULT_UNET": "trainer", "DEFAULT_VAE": "trainer", "EMA": "trainer",
-    "History": "trainer", "TrainConfig": "trainer", "Trainer": "trainer", "lr_at": "trainer", "train": "trainer",
+    "DEFAULT_TEXT": "config", "DEFAULT_UNET": "config", "DEFAULT_VAE": "config", "TrainConfig": "config",
+    "EMA": "trainer", "History": "trainer", "Trainer": "trainer", "lr_at": "trainer", "train": "trainer",
 }
 
 
