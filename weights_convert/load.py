@@ -213,7 +213,7 @@ def _single_file(path: Path, family: str | FamilyPreset | None, dtype: torch.dty
     preset = resolve_family(layout, family, path)
     rules = checkpoint_rules(preset, layout, ema=ema)
     wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
-    configs = {"unet": preset.unet, "vae": preset.vae, "text_encoder": preset.text}  # the layout's family: its own
+    configs = {"unet": preset.unet, "vae": preset.vae, "text_encoder": preset.text}  # a file has no configs of its own
     models = {c: _empty_model(c, configs[c]) for c in wanted}
     verify(rules, source, {c: _expected(m) for c, m in models.items()}, what=f"{preset.name} checkpoint")
     loaded = {c: _fill(m, rules, source, c, dtype, device) for c, m in models.items()}
