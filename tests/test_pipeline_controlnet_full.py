@@ -2,10 +2,9 @@
 `StableDiffusionControlNetPipeline` (and its img2img sibling) built by diffusers' own single-file loading of the same
 two synthetic files, offline (the configs in tests/fixtures/diffusers_configs).
 
-Files: an SD 1.5 checkpoint (tests/synth.py: every official key and shape) and a ControlNet 1.1 file from
-tests/fixtures/controlnet11_sd15_keys.json, both as fp16 files (the ControlNet in the layout of the published fp16
-repacks; 2.1 + 0.7 GB, half the writing of fp32 files), written to a temporary folder and deleted. Both sides load
-them as fp32 (an exact upcast) and run fp32 on the CPU,
+Files: a 4.3 GB SD 1.5 checkpoint (tests/synth.py, every official key, shape and dtype) and a 1.4 GB ControlNet 1.1
+file from tests/fixtures/controlnet11_sd15_keys.json, written to a temporary folder and deleted (fp32 files: fp16
+ones, upcast at load, took more memory and CPU here: 8.3 vs 6.1 GB peak). fp32 on the CPU,
 64x64 px (8x8 latents, the smallest the SD 1.5 UNet's three halvings and the 8x hint encoder take), DDIM, 2 steps,
 guidance 7.5. Only one implementation is in memory at a time: ours runs first and keeps its outputs, then is freed
 before diffusers loads. Tolerances: the parity contract (DESIGN.md): final latents within 1e-4 relative, uint8
@@ -46,10 +45,9 @@ CALLS = {
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sd15-controlnet")
     manifest = {"keys": load_json(FIXTURES / "controlnet11_sd15_keys.json")["keys"]}
-    paths = {"model": write_synthetic_checkpoint("sd15", root / "sd15_fp16.safetensors", dtype=torch.float16,
-                                                 seed=7),
-             "controlnet": write_synthetic_checkpoint(manifest, root / "control_v11p_sd15_canny_fp16.safetensors",
-                                                      dtype=torch.float16, seed=11)}
+    paths = {"model": write_synthetic_checkpoint("sd15", root / "sd15.safetensors", seed=7),
+             "controlnet": write_synthetic_checkpoint(manifest, root / "control_v11p_sd15_canny.safetensors",
+                                                      seed=11)}
     yield paths
     for path in paths.values():
         path.unlink()
