@@ -163,6 +163,9 @@ def test_construction_checks(tiny, nets) -> None:
         with_controlnets(plain, ControlNetModel(wide_cfg))
     ours = with_controlnets(plain, copy.deepcopy(nets[0][1]))
     assert isinstance(ours, ldm.StableDiffusionPipeline) and len(ours.controlnet) == 1
+    with pytest.raises(ValueError, match="with control_image="):  # the plain entry point alone never runs uncontrolled
+        ldm.StableDiffusionPipeline.__call__(ours, "x", num_inference_steps=1, height=SIZE, width=SIZE,
+                                             output_type="latent")
     ours.to(dtype=torch.bfloat16)
     assert next(ours.controlnet[0].parameters()).dtype == torch.bfloat16
 
