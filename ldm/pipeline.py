@@ -205,9 +205,8 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         shape = (run.batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         latents = randn(shape, run.generator, self.device, run.context.dtype) * run.scheduler.init_noise_sigma
-        latents, steps_run = self.denoise(latents, run.context, run.scheduler, run.scheduler.timesteps,
-                                          run.guidance_scale, step_kwargs=run.step_kwargs, callback=run.callback,
-                                          control=run.control)
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, run.timesteps, run.guidance_scale,
+                                          step_kwargs=run.step_kwargs, callback=run.callback, control=run.control)
         return self._output(latents, steps_run, run.seeds, output_type)
 
     @torch.no_grad()
@@ -226,17 +225,15 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
             raise ValueError("this is an inpainting model: use pipe.inpaint(prompt, image, mask_image)")
         _check_strength(strength)
         pixels = self._load_image(image, "image")  # (1, 3, H, W) in [-1, 1]
-        run = self._begin(prompt, pixels.shape[-2], pixels.shape[-1], negative_prompt=negative_prompt,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                          generator=generator, num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
-                          eta=eta, callback=callback, clip_skip=clip_skip, output_type=output_type,
-                          weighting=weighting)
-        # the last int(steps * strength) steps (diffusers' get_timesteps; the scheduler's begin index is set)
-        timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
+        run = self._begin(prompt, pixels.shape[-2], pixels.shape[-1], strength=strength,
+                          negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, seed=seed, generator=generator,
+                          num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
+                          callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
         image_latents = self._encode_image_img2img(pixels, run)  # (B, C, h, w)
         noise = randn(image_latents.shape, run.generator, self.device, run.context.dtype)
-        latents = run.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
-        latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
+        latents = run.scheduler.add_noise(image_latents, noise, run.timesteps[:1].repeat(run.batch))
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, run.timesteps, run.guidance_scale,
                                           step_kwargs=run.step_kwargs, callback=run.callback, control=run.control)
         return self._output(latents, steps_run, run.seeds, output_type)
 
@@ -264,12 +261,12 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         if not native and self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(f"the UNet takes {self.unet.config.in_channels} channels; inpainting needs 4 "
                              f"(latent blending) or 9 (an inpainting checkpoint)")
-        run = self._begin(prompt, pixels.shape[-2], pixels.shape[-1], negative_prompt=negative_prompt,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                          generator=generator, num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
-                          eta=eta, callback=callback, clip_skip=clip_skip, output_type=output_type,
-                          weighting=weighting)
-        timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
+        run = self._begin(prompt, pixels.shape[-2], pixels.shape[-1], strength=strength,
+                          negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, seed=seed, generator=generator,
+                          num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
+                          callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
+        timesteps = run.timesteps
         pixels, mask = pixels.to(self.device, self.dtype), mask.to(self.device, self.dtype)
         f, B, full = self.vae_scale_factor, run.batch, strength == 1.0
 
@@ -406,12 +403,17 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         context = context.to(self.device, self.dtype)  # (2B or B, S, D)
         return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback)
 
-    def _begin(self, prompt: str | list[str], height: int, width: int, **settings: Any) -> _Run:
-        """The entry points' common start, for an output of height x width: `_prepare` with the call's
-        `settings` (its keyword arguments, by name), the memory check (refuse what cannot fit, before the work), and
-        the call's ControlNet state from the `_control` hook."""
-        run = self._prepare(prompt, **settings)
+    def _begin(self, prompt: str | list[str], height: int, width: int, *, num_inference_steps: int,
+               strength: float | None = None, **settings: Any) -> _Run:
+        """The entry points' common start, for an output of height x width: `_prepare` with the call's other
+        keyword arguments (`settings`, by name), the memory check (refuse what cannot fit, before the work), the
+        steps to run, and the call's ControlNet state from the `_control` hook."""
+        run = self._prepare(prompt, num_inference_steps=num_inference_steps, **settings)
         check_generation(self, height, width, run.batch, run.guided)
+        # every step, or with `strength` the last int(steps * strength) (diffusers' get_timesteps; the scheduler's
+        # begin index is set)
+        run.timesteps = run.scheduler.timesteps if strength is None else \
+            run.scheduler.timesteps_for_strength(num_inference_steps, strength)
         run.control = self._control(run, height, width)
         return run
 
@@ -524,6 +526,7 @@ class _Run:
     scheduler: Any
     step_kwargs: dict[str, Any]
     callback: Callback | None
+    timesteps: Tensor | None = None  # the steps this call runs (set by _begin)
     control: Control | None = None  # the call's ControlNets (set by _begin; ldm/control.py)
 
 
