@@ -20,6 +20,7 @@ _EXPORTS = {
     "CLIPTokenizer": "ldm.tokenizer", "ControlNetModel": "ldm.controlnet", "ControlNetConfig": "ldm.controlnet",
     # generating
     "StableDiffusionPipeline": "ldm.pipeline", "StableDiffusionUpscalePipeline": "ldm.upscale",
+    "StableDiffusionControlNetPipeline": "ldm.pipeline_controlnet",
     # Loading is the converter's job (weights_convert/), re-exported here because `ldm.load_pipeline` is the
     # documented entry point. Model files never import weights_convert; this lazy seam is the one exception.
     "load_pipeline": "weights_convert.load",

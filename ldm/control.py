@@ -1,6 +1,8 @@
 """ControlNet in the pipeline: the control images, the per-step scales, and the residuals the UNet adds.
 
-Mirrors diffusers 0.42.1 `pipelines/controlnet/pipeline_controlnet.py` (and `_img2img`, `_inpaint`), with
+`ControlArgs` is a call's arguments, checked; `ControlArgs.prepare` gives the call's `Control`, whose `residuals`
+the shared denoising loop (`StableDiffusionPipeline.denoise`) asks for at every step. The pipeline class that takes
+these arguments is ldm/pipeline_controlnet.py. Mirrors diffusers 0.42.1 `pipelines/controlnet/pipeline_controlnet.py` (and `_img2img`, `_inpaint`), with
 `MultiControlNetModel` for several ControlNets:
 - preprocessing: the control image, RGB, resized to the output size (PIL: Lanczos; tensors: nearest), in [0, 1]
   (not [-1, 1]: diffusers' control image processor does not normalise); repeated over the batch, and twice under
@@ -101,37 +103,48 @@ class Control:
         return {"down_block_additional_residuals": down_sum, "mid_block_additional_residual": mid_sum}
 
 
-def prepare_control(nets: list[Any] | None, control_image: Any, *, scale: Any, start: Any, end: Any,
-                    guess_mode: bool, height: int, width: int, batch: int, guided: bool,
-                    device: torch.device, dtype: torch.dtype) -> Control | None:
-    """Check the ControlNet arguments of a call and prepare its images; None without ControlNets."""
-    if not nets:
-        if control_image is not None:
-            raise ValueError("control_image given, but the pipeline has no ControlNet (load_pipeline(..., "
-                             "controlnet=PATH))")
-        return None
-    n = len(nets)
-    if control_image is None:
-        raise ValueError(f"this pipeline has {n} ControlNet(s): pass control_image= (one image per ControlNet)")
-    images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
-    if len(images) != n:
-        raise ValueError(f"control_image has {len(images)} image(s) for {n} ControlNet(s): pass one per ControlNet")
-    if not isinstance(guess_mode, bool):
-        raise TypeError(f"guess_mode must be a bool, got {type(guess_mode).__name__}")
-    scales = _per_net(scale, n, "controlnet_conditioning_scale")
-    starts = _per_net(start, n, "control_guidance_start")
-    ends = _per_net(end, n, "control_guidance_end")
-    for s, e in zip(starts, ends):
-        if not 0.0 <= s < e <= 1.0:
-            raise ValueError(f"control_guidance_start {s} and control_guidance_end {e} must satisfy "
-                             f"0 <= start < end <= 1")
-    # diffusers: a global-pooling ControlNet (1.1 shuffle) always runs in guess mode (the first net decides)
-    guess_mode = guess_mode or bool(nets[0].config.global_pool_conditions)
-    prepared = []
-    for k, image in enumerate(images):
-        x = control_image_tensor(image, height, width, f"control_image[{k}]" if n > 1 else "control_image")
-        x = x.repeat_interleave(batch, dim=0)  # (B, 3, H, W)
-        if guided and not guess_mode:
-            x = torch.cat([x] * 2)  # (2B, 3, H, W)
-        prepared.append(x.to(device, dtype))
-    return Control(list(nets), prepared, scales, starts, ends, guess_mode, guided)
+@dataclass(frozen=True)
+class ControlArgs:
+    """One call's ControlNet arguments, checked against the number of ControlNets before any work: the control
+    images as given, one scale and step window per ControlNet, guess_mode (the pipeline's keyword arguments, with
+    diffusers' names, become these fields)."""
+
+    images: list[Any]  # one ImageInput per ControlNet
+    scales: list[float]  # controlnet_conditioning_scale
+    starts: list[float]  # control_guidance_start
+    ends: list[float]  # control_guidance_end
+    guess_mode: bool
+
+    @classmethod
+    def check(cls, n: int, control_image: Any, scale: Any, start: Any, end: Any, guess_mode: bool) -> ControlArgs:
+        """The keyword arguments of a call to a pipeline with n ControlNets; a ValueError names a bad one."""
+        if control_image is None:
+            raise ValueError(f"this pipeline has {n} ControlNet(s): pass control_image= (one image per ControlNet)")
+        images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+        if len(images) != n:
+            raise ValueError(f"control_image has {len(images)} image(s) for {n} ControlNet(s): pass one per "
+                             f"ControlNet")
+        if not isinstance(guess_mode, bool):
+            raise TypeError(f"guess_mode must be a bool, got {type(guess_mode).__name__}")
+        scales = _per_net(scale, n, "controlnet_conditioning_scale")
+        starts = _per_net(start, n, "control_guidance_start")
+        ends = _per_net(end, n, "control_guidance_end")
+        for s, e in zip(starts, ends):
+            if not 0.0 <= s < e <= 1.0:
+                raise ValueError(f"control_guidance_start {s} and control_guidance_end {e} must satisfy "
+                                 f"0 <= start < end <= 1")
+        return cls(images, scales, starts, ends, guess_mode)
+
+    def prepare(self, nets: list[Any], *, height: int, width: int, batch: int, guided: bool, device: torch.device,
+                dtype: torch.dtype) -> Control:
+        """The call's Control: the images preprocessed for an output of height x width and a batch of B images."""
+        # diffusers: a global-pooling ControlNet (1.1 shuffle) always runs in guess mode (the first net decides)
+        guess_mode = self.guess_mode or bool(nets[0].config.global_pool_conditions)
+        n, prepared = len(nets), []
+        for k, image in enumerate(self.images):
+            x = control_image_tensor(image, height, width, f"control_image[{k}]" if n > 1 else "control_image")
+            x = x.repeat_interleave(batch, dim=0)  # (B, 3, H, W)
+            if guided and not guess_mode:
+                x = torch.cat([x] * 2)  # (2B, 3, H, W)
+            prepared.append(x.to(device, dtype))
+        return Control(list(nets), prepared, self.scales, self.starts, self.ends, guess_mode, guided)

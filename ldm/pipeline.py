@@ -37,7 +37,7 @@ from ldm import schedulers
 from ldm.attention import set_attention_chunk
 from ldm.adapters import AdapterMixin, LoRAMerger, TextualInversion
 from ldm.config import FamilyPreset
-from ldm.control import Control, default_size, prepare_control
+from ldm.control import Control
 from ldm.images import ImageInput, image_to_tensor, mask_to_tensor, to_numpy, to_pil
 from ldm.limits import check_generation
 from ldm.optimize import PromptCache
@@ -68,8 +68,7 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
     """
 
     def __init__(self, *, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Callable,
-                 scheduler: Any, family: FamilyPreset | None = None, optimize: bool = False,
-                 controlnet: nn.Module | list[nn.Module] | None = None) -> None:
+                 scheduler: Any, family: FamilyPreset | None = None, optimize: bool = False) -> None:
         if family is not None and not isinstance(family, FamilyPreset):
             raise TypeError(f"family must be an ldm.config.FamilyPreset or None, got {type(family).__name__}")
         for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
@@ -84,14 +83,6 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
                              f"({family.prediction_type!r})")
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler, self.family = tokenizer, scheduler, family
-        # ControlNets (ldm/controlnet.py, ldm/control.py): a list, empty without; every entry point takes
-        # control_image= (one per ControlNet) and the diffusers ControlNet arguments.
-        nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [] if controlnet is None else [controlnet]
-        for net in nets:
-            if not isinstance(net, nn.Module) or not hasattr(net, "controlnet_cond_embedding"):
-                raise TypeError(f"controlnet must be an ldm.controlnet.ControlNetModel or a list of them, got "
-                                f"{type(net).__name__}")
-        self.controlnet = nets
         # The text encoder runs once per prompt: the last 8 prompt encodings (a speed lever, ldm/optimize.py).
         self._prompt_cache = PromptCache(size=8)
         self._warned_vae_upcast = False
@@ -131,7 +122,7 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         """Move every module to `device` and/or cast it to `dtype` (fp32, bf16, or fp16 on CUDA). Returns self."""
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-        for module in (self.unet, self.vae, self.text_encoder, *self.controlnet):
+        for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
 
@@ -188,9 +179,7 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
                  guidance_scale: float = 7.5, seed: int | None = None, generator: Generator = None,
                  num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
                  callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
-                 weighting: bool = True, control_image: Any = None, controlnet_conditioning_scale: Any = 1.0,
-                 control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0,
-                 guess_mode: bool = False) -> PipelineOutput:
+                 weighting: bool = True) -> PipelineOutput:
         """Text to image. height/width default to the model's size (`pipe.native_size`: 512, 768 for sd21-v;
         a diffusers folder's is its unet.sample_size x the VAE's factor, 64 for the packaged shapes model).
 
@@ -201,34 +190,23 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         `(word:1.3)` (a plain prompt encodes exactly as plain tokenization; prompts longer than 75 tokens are
         encoded in chunks either way). callback(i, t, latents) runs after each step; returning False stops and
         decodes the current latents.
-
-        ControlNet (a pipeline loaded with controlnet=): control_image (one per ControlNet; the default size is
-        the first one's), controlnet_conditioning_scale, control_guidance_start / _end (the fraction of the steps
-        each ControlNet acts on), guess_mode, all as diffusers' ControlNet pipelines (ldm/control.py); the same
-        arguments on img2img and inpaint.
         """
         if self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(f"this is an inpainting model (the UNet takes {self.unet.config.in_channels} channels): "
                              f"use pipe.inpaint(prompt, image, mask_image)")
-        if self.controlnet and control_image is not None:
-            size = default_size(control_image, self.vae_scale_factor)
-            height, width = size[0] if height is None else height, size[1] if width is None else width
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         self._check_size(height, width, "height/width")
-        run = self._prepare(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, seed=seed, generator=generator,
-                            num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
-                            callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
-        check_generation(self, height, width, run.batch, run.guided)  # refuse what cannot fit, before the work
-        control = self._control(run, height, width, control_image, controlnet_conditioning_scale,
-                                control_guidance_start, control_guidance_end, guess_mode)
+        run = self._begin(prompt, height, width, negative_prompt=negative_prompt,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                          generator=generator, num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
+                          eta=eta, callback=callback, clip_skip=clip_skip, output_type=output_type,
+                          weighting=weighting)
         shape = (run.batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         latents = randn(shape, run.generator, self.device, run.context.dtype) * run.scheduler.init_noise_sigma
-        latents, steps_run = self.denoise(latents, run.context, run.scheduler, run.scheduler.timesteps,
-                                          run.guidance_scale, step_kwargs=run.step_kwargs, callback=run.callback,
-                                          control=control)
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, run.timesteps, run.guidance_scale,
+                                          step_kwargs=run.step_kwargs, callback=run.callback, control=run.control)
         return self._output(latents, steps_run, run.seeds, output_type)
 
     @torch.no_grad()
@@ -237,9 +215,7 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
                 guidance_scale: float = 7.5, seed: int | None = None, generator: Generator = None,
                 num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
                 callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
-                weighting: bool = True, control_image: Any = None, controlnet_conditioning_scale: Any = 1.0,
-                control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0,
-                guess_mode: bool = False) -> PipelineOutput:
+                weighting: bool = True) -> PipelineOutput:
         """Image to image (SDEdit, Meng et al. 2021): noise the image's latents to the timestep `strength` picks
         (1.0: pure noise, all steps; 0.3: the last 30% of the steps) and denoise from there.
 
@@ -249,20 +225,16 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
             raise ValueError("this is an inpainting model: use pipe.inpaint(prompt, image, mask_image)")
         _check_strength(strength)
         pixels = self._load_image(image, "image")  # (1, 3, H, W) in [-1, 1]
-        run = self._prepare(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, seed=seed, generator=generator,
-                            num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
-                            callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
-        check_generation(self, pixels.shape[-2], pixels.shape[-1], run.batch, run.guided)
-        control = self._control(run, pixels.shape[-2], pixels.shape[-1], control_image,
-                                controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode)
-        # the last int(steps * strength) steps (diffusers' get_timesteps; the scheduler's begin index is set)
-        timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
+        run = self._begin(prompt, pixels.shape[-2], pixels.shape[-1], strength=strength,
+                          negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, seed=seed, generator=generator,
+                          num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
+                          callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
         image_latents = self._encode_image_img2img(pixels, run)  # (B, C, h, w)
         noise = randn(image_latents.shape, run.generator, self.device, run.context.dtype)
-        latents = run.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
-        latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
-                                          step_kwargs=run.step_kwargs, callback=run.callback, control=control)
+        latents = run.scheduler.add_noise(image_latents, noise, run.timesteps[:1].repeat(run.batch))
+        latents, steps_run = self.denoise(latents, run.context, run.scheduler, run.timesteps, run.guidance_scale,
+                                          step_kwargs=run.step_kwargs, callback=run.callback, control=run.control)
         return self._output(latents, steps_run, run.seeds, output_type)
 
     @torch.no_grad()
@@ -271,9 +243,7 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
                 guidance_scale: float = 7.5, seed: int | None = None, generator: Generator = None,
                 num_images_per_prompt: int = 1, scheduler: Any = None, eta: float = 0.0,
                 callback: Callback | None = None, clip_skip: int | None = None, output_type: str = "pil",
-                weighting: bool = True, control_image: Any = None, controlnet_conditioning_scale: Any = 1.0,
-                control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0,
-                guess_mode: bool = False) -> PipelineOutput:
+                weighting: bool = True) -> PipelineOutput:
         """Repaint the white part of `mask_image` (same size as `image`), as diffusers' inpainting pipeline.
 
         9-channel inpainting checkpoints see [x, mask, masked-image latents] at every step; ordinary checkpoints
@@ -291,14 +261,12 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         if not native and self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(f"the UNet takes {self.unet.config.in_channels} channels; inpainting needs 4 "
                              f"(latent blending) or 9 (an inpainting checkpoint)")
-        run = self._prepare(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, seed=seed, generator=generator,
-                            num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
-                            callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
-        check_generation(self, pixels.shape[-2], pixels.shape[-1], run.batch, run.guided)
-        control = self._control(run, pixels.shape[-2], pixels.shape[-1], control_image,
-                                controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode)
-        timesteps = run.scheduler.timesteps_for_strength(num_inference_steps, strength)
+        run = self._begin(prompt, pixels.shape[-2], pixels.shape[-1], strength=strength,
+                          negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, seed=seed, generator=generator,
+                          num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, eta=eta,
+                          callback=callback, clip_skip=clip_skip, output_type=output_type, weighting=weighting)
+        timesteps = run.timesteps
         pixels, mask = pixels.to(self.device, self.dtype), mask.to(self.device, self.dtype)
         f, B, full = self.vae_scale_factor, run.batch, strength == 1.0
 
@@ -327,7 +295,7 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
 
         latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
                                           step_kwargs=run.step_kwargs, callback=run.callback, condition=condition,
-                                          blend=blend, control=control)
+                                          blend=blend, control=run.control)
         return self._output(latents, steps_run, run.seeds, output_type)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -435,12 +403,24 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         context = context.to(self.device, self.dtype)  # (2B or B, S, D)
         return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback)
 
-    def _control(self, run: _Run, height: int, width: int, control_image: Any, scale: Any, start: Any, end: Any,
-                 guess_mode: bool) -> Control | None:
-        """The call's ControlNet state (ldm/control.py), None when the pipeline has no ControlNet."""
-        return prepare_control(self.controlnet, control_image, scale=scale, start=start, end=end,
-                               guess_mode=guess_mode, height=height, width=width, batch=run.batch,
-                               guided=run.guided, device=self.device, dtype=self.dtype)
+    def _begin(self, prompt: str | list[str], height: int, width: int, *, num_inference_steps: int,
+               strength: float | None = None, **settings: Any) -> _Run:
+        """The entry points' common start, for an output of height x width: `_prepare` with the call's other
+        keyword arguments (`settings`, by name), the memory check (refuse what cannot fit, before the work), the
+        steps to run, and the call's ControlNet state from the `_control` hook."""
+        run = self._prepare(prompt, num_inference_steps=num_inference_steps, **settings)
+        check_generation(self, height, width, run.batch, run.guided)
+        # every step, or with `strength` the last int(steps * strength) (diffusers' get_timesteps; the scheduler's
+        # begin index is set)
+        run.timesteps = run.scheduler.timesteps if strength is None else \
+            run.scheduler.timesteps_for_strength(num_inference_steps, strength)
+        run.control = self._control(run, height, width)
+        return run
+
+    def _control(self, run: _Run, height: int, width: int) -> Control | None:
+        """The hook for the residuals `denoise` adds (ldm/pipeline_controlnet.py prepares the call's ControlNets
+        here); a plain pipeline has none."""
+        return None
 
     def _encode_prompts(self, prompts: list[str], negatives: list[str] | None, clip_skip: int | None,
                         weighting: bool) -> tuple[Tensor, Tensor | None]:
@@ -546,6 +526,8 @@ class _Run:
     scheduler: Any
     step_kwargs: dict[str, Any]
     callback: Callback | None
+    timesteps: Tensor | None = None  # the steps this call runs (set by _begin)
+    control: Control | None = None  # the call's ControlNets (set by _begin; ldm/control.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -476,7 +476,8 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
     load with optimize=False and call `pipe.optimize(...)` yourself.
 
     controlnet: a ControlNet file or folder (weights_convert/controlnet.py), a loaded ControlNetModel, or a list of
-    them; each is checked against the model's UNet and loaded in `dtype` on `device` (allow_pickle applies).
+    them; each is checked against the model's UNet and loaded in `dtype` on `device` (allow_pickle applies), and
+    the pipeline is an ldm.StableDiffusionControlNetPipeline.
     """
     from ldm.pipeline import StableDiffusionPipeline
     from ldm.upscale import StableDiffusionUpscalePipeline
@@ -491,9 +492,10 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
         extras = {k: v for k, v in (("max_noise_level", parts.max_noise_level),
                                     ("low_res_scheduler", parts.low_res_scheduler)) if v is not None}
         return StableDiffusionUpscalePipeline(**parts.pipeline_kwargs(), **extras, optimize=optimize)
-    nets = None
-    if controlnet is not None:
+    if controlnet is not None:  # diffusers' StableDiffusionControlNetPipeline
+        from ldm.pipeline_controlnet import StableDiffusionControlNetPipeline
         from weights_convert.controlnet import load_controlnets
 
         nets = load_controlnets(controlnet, parts.unet.config, dtype=dtype, device=device, allow_pickle=allow_pickle)
-    return StableDiffusionPipeline(**parts.pipeline_kwargs(), optimize=optimize, controlnet=nets)
+        return StableDiffusionControlNetPipeline(**parts.pipeline_kwargs(), controlnet=nets, optimize=optimize)
+    return StableDiffusionPipeline(**parts.pipeline_kwargs(), optimize=optimize)
