@@ -45,11 +45,13 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: f.tensor(k).clone() for k in f.keys()}
 
 
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict in the official text_encoder layout (transformers 5.x drops `text_model.` on CLIPTextModel)."""
+def _state(module: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
+    """A part's state dict, a text encoder's in the official `text_model.` layout (transformers 5.x's CLIPTextModel
+    has no such level), position_ids dropped."""
     state = module.state_dict()
-    state = {k if k.startswith(("text_model.", "text_projection")) or not hasattr(module, "text_model") and
-             not k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else f"text_model.{k}": v
+    if not part.startswith("text_encoder"):
+        return state
+    state = {f"text_model.{k}" if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k: v
              for k, v in state.items()}
     state.pop("text_model.embeddings.position_ids", None)
     return state
@@ -93,7 +95,7 @@ def test_matches_diffusers_single_file_conversion(files: dict[str, Path], name: 
     assert ours.tokenizer_2.pad_id == 0 and (name == "refiner" or ours.tokenizer.pad_id == 49407)
     ref = _diffusers_parts(files[name], files[f"{name}_configs"], ENCODERS[name])
     for part, module in ref.items():
-        mine, theirs = _state(getattr(ours, part)), _state(module)
+        mine, theirs = _state(getattr(ours, part), part), _state(module, part)
         assert mine.keys() == theirs.keys(), f"{part}: {sorted(mine.keys() ^ theirs.keys())[:5]}"
         for key, value in theirs.items():
             assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), f"{part} {key}"
@@ -140,8 +142,8 @@ def test_diffusers_reads_our_exported_folder(files: dict[str, Path], tmp_path: P
     ours = load_components(files["base"], family=TINY_XL_BASE)
     folder = export_diffusers(ours, tmp_path / "base")
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
-    theirs = _state(pipe.text_encoder_2)
-    assert all(torch.equal(v, _state(ours.text_encoder_2)[k]) for k, v in theirs.items())
+    theirs, mine = _state(pipe.text_encoder_2, "text_encoder_2"), _state(ours.text_encoder_2, "text_encoder_2")
+    assert theirs.keys() == mine.keys() and all(torch.equal(v, mine[k]) for k, v in theirs.items())
 
 
 def test_load_pipeline_picks_the_sdxl_class(files: dict[str, Path]) -> None:
@@ -234,3 +236,25 @@ def test_damaged_sdxl_folders(files: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"addition_embed_type 'text_time' \(SDXL\), but the folder has no "
                                               r"text_encoder_2/"):
         load_components(folder)
+
+
+def test_hub_id_of_an_sdxl_refiner_from_an_offline_cache(files: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path fetches and reads text_encoder_2/ and tokenizer_2/, and a refiner repo has no text_encoder/."""
+    import huggingface_hub.constants
+
+    from ldm.hub import needed_patterns
+    from weights_convert.export import export_diffusers
+
+    assert {"tokenizer_2/*", "text_encoder_2/config.json", "text_encoder_2/model.safetensors"} <= set(needed_patterns())
+    snapshot = tmp_path / "hub" / "models--org--tiny-xl-refiner" / "snapshots" / ("b" * 40)
+    single = load_components(files["refiner"], family=TINY_XL_REFINER)
+    export_diffusers(single, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    parts = load_components("org/tiny-xl-refiner")
+    assert parts.family.name == "sdxl-refiner" and parts.text_encoder is None and parts.tokenizer is None
+    a, b = single.text_encoder_2.state_dict(), parts.text_encoder_2.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
