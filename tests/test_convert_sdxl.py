@@ -258,3 +258,56 @@ def test_hub_id_of_an_sdxl_refiner_from_an_offline_cache(files: dict[str, Path],
     assert parts.family.name == "sdxl-refiner" and parts.text_encoder is None and parts.tokenizer is None
     a, b = single.text_encoder_2.state_dict(), parts.text_encoder_2.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kohya-format SDXL LoRA key names (the mapping only; merging is ldm/lora.py's, the same for every family)
+
+
+def test_kohya_sdxl_lora_keys_map_to_our_modules(tmp_path: Path) -> None:
+    from ldm.clip import CLIPTextModel, CLIPTextModelWithProjection
+    from ldm.unet import UNet2DConditionModel
+    from weights_convert.lora import read_lora
+
+    with torch.device("meta"):
+        unet, te1 = UNet2DConditionModel(TINY_XL_BASE.unet), CLIPTextModel(TINY_XL_BASE.text)
+        te2 = CLIPTextModelWithProjection(TINY_XL_BASE.text_encoder_2)
+    # kohya sd-scripts' SDXL names: the original LDM UNet paths (1 block per level here: input_blocks.{2*i+j+1}),
+    # te1, te2
+    expected = {
+        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k":
+            ("unet", "down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k"),
+        "lora_unet_middle_block_1_transformer_blocks_1_ff_net_2":
+            ("unet", "mid_block.attentions.0.transformer_blocks.1.ff.net.2"),
+        "lora_unet_output_blocks_0_1_transformer_blocks_1_attn1_to_out_0":
+            ("unet", "up_blocks.0.attentions.0.transformer_blocks.1.attn1.to_out.0"),
+        "lora_unet_label_emb_0_0": ("unet", "add_embedding.linear_1"),
+        "lora_unet_input_blocks_1_0_in_layers_2": ("unet", "down_blocks.0.resnets.0.conv1"),
+        "lora_te1_text_model_encoder_layers_1_self_attn_q_proj":
+            ("text_encoder", "text_model.encoder.layers.1.self_attn.q_proj"),
+        "lora_te2_text_model_encoder_layers_2_mlp_fc1": ("text_encoder_2", "text_model.encoder.layers.2.mlp.fc1"),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj":  # diffusers / PEFT spelling
+            ("text_encoder_2", "text_model.encoder.layers.0.self_attn.k_proj"),
+    }
+    modules = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
+    data = {}
+    for name, (component, module_name) in expected.items():
+        weight = modules[component].get_submodule(module_name).weight
+        kernel = tuple(weight.shape[2:])
+        down, up = (".lora_A.weight", ".lora_B.weight") if "." in name else (".lora_down.weight", ".lora_up.weight")
+        data[name + down] = torch.randn(2, weight.shape[1], *kernel)
+        data[name + up] = torch.randn(weight.shape[0], 2, *((1, 1) if kernel else ()))
+        data[name + ".alpha"] = torch.tensor(1.0)
+    path = save_file(data, tmp_path / "xl_lora.safetensors")
+    adapter = read_lora(path, unet, te1, te2)
+    assert set(adapter) == set(expected.values())
+    assert all(layer.alpha == 1.0 and layer.down.shape[0] == 2 for layer in adapter.values())
+    with pytest.raises(CheckpointError, match="a LoRA for SDXL .*second text encoder"):
+        read_lora(path, unet, te1)  # a model without a second encoder
+    with torch.device("meta"):
+        refiner = UNet2DConditionModel(TINY_XL_REFINER.unet)
+    with pytest.raises(CheckpointError, match="reads 72-wide text embeddings, this model's reads 40"):
+        read_lora(path, refiner, None, te2)  # a base LoRA on the refiner (bigG's 40-wide context alone)
+    te_only = save_file({k: v for k, v in data.items() if k.startswith("lora_te")}, tmp_path / "te.safetensors")
+    with pytest.raises(CheckpointError, match="match no LoRA layer of this model .*lora_te1_"):
+        read_lora(te_only, refiner, None, te2)  # the refiner has no first encoder
