@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY_XL_BASE, TINY_XL_REFINER, write_xl_configs
+from tests.helpers import TINY_XL_BASE, TINY_XL_REFINER, official_state, write_xl_configs
 from tests.synth import tiny_ldm_manifest, write_synthetic_checkpoint
 from weights_convert.checkpoint import detect_layout, official_layout
 from weights_convert.load import load_components, load_pipeline
@@ -46,15 +46,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _state(module: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
-    """A part's state dict, a text encoder's in the official `text_model.` layout (transformers 5.x's CLIPTextModel
-    has no such level), position_ids dropped."""
-    state = module.state_dict()
-    if not part.startswith("text_encoder"):
-        return state
-    state = {f"text_model.{k}" if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k: v
-             for k, v in state.items()}
-    state.pop("text_model.embeddings.position_ids", None)
-    return state
+    return official_state(module.state_dict(), part)
 
 
 def _diffusers_parts(ckpt: Path, config: Path, encoders: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -131,7 +123,8 @@ def test_single_file_and_diffusers_folder_give_identical_tensors(files: dict[str
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert again.tokenizer_2(["a dog"]).tolist() == single.tokenizer_2(["a dog"]).tolist()
     kwargs = again.pipeline_kwargs()
-    assert kwargs["text_encoder_2"] is again.text_encoder_2 and kwargs["force_zeros_for_empty_prompt"] == (name == "base")
+    assert kwargs["text_encoder_2"] is again.text_encoder_2
+    assert kwargs["force_zeros_for_empty_prompt"] == (name == "base")
 
 
 def test_diffusers_reads_our_exported_folder(files: dict[str, Path], tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DIFFUSERS_CONFIGS
+from tests.helpers import DIFFUSERS_CONFIGS, official_state
 from tests.synth import write_synthetic_checkpoint
 from weights_convert.load import load_components
 
@@ -40,17 +40,6 @@ def _diffusers_part(part: str, ckpt: Path, state: dict | None) -> torch.nn.Modul
     return create_diffusers_clip_model_from_ldm(cls, state, subfolder=part, **kw)
 
 
-def _official(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
-    """A text encoder's state dict in the official `text_model.` layout (transformers 5.x's CLIPTextModel has no
-    such level), position_ids dropped; the UNet's and the VAE's as they are."""
-    if not part.startswith("text_encoder"):
-        return state
-    out = {f"text_model.{k}" if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k: v
-           for k, v in state.items()}
-    out.pop("text_model.embeddings.position_ids", None)
-    return out
-
-
 def test_full_sdxl_base_file_matches_diffusers(tmp_path: Path) -> None:
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
@@ -63,7 +52,7 @@ def test_full_sdxl_base_file_matches_diffusers(tmp_path: Path) -> None:
             module = getattr(ours, part)
             assert sum(p.numel() for p in module.parameters()) == count, part
             ref = _diffusers_part(part, ckpt, state)
-            mine, theirs = module.state_dict(), _official(ref.state_dict(), part)
+            mine, theirs = module.state_dict(), official_state(ref.state_dict(), part)
             assert mine.keys() == theirs.keys(), f"{part}: {sorted(mine.keys() ^ theirs.keys())[:5]}"
             for key, value in theirs.items():
                 assert mine[key].dtype == value.dtype == torch.float16, f"{part} {key}"
