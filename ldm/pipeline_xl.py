@@ -139,7 +139,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                                clip_skip, output_type, weighting)
         check_generation(self, height, width, run.batch, run.guided)
         time_ids = original + crops + target
-        self._add_time_ids(run, time_ids, time_ids if negative is None else negative)  # diffusers' txt2img rule
+        self._add_time_ids(run, time_ids, time_ids if negative is None else negative, alternate=True)
         shape = (run.batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         latents = randn(shape, run.generator, self.device, run.context.dtype) * run.scheduler.init_noise_sigma
@@ -188,9 +188,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if denoising_start is None:  # diffusers draws no noise when it starts mid-schedule
             noise = randn(image_latents.shape, run.generator, self.device, run.context.dtype)
             latents = run.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
-        self._image_time_ids(run, latents, original_size, crops_coords_top_left, target_size,
-                               negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                               aesthetic_score, negative_aesthetic_score)
+        self._image_time_ids(run, latents, original_size, crops_coords_top_left, target_size, negative_original_size,
+                             negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                             negative_aesthetic_score)
         latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
                                           step_kwargs=run.step_kwargs, callback=run.callback,
                                           added_cond=run.added_cond)
@@ -254,9 +254,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                     known = run.scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
                 return (1 - small_mask) * known + small_mask * x
 
-        self._image_time_ids(run, latents, original_size, crops_coords_top_left, target_size,
-                               negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                               aesthetic_score, negative_aesthetic_score)
+        self._image_time_ids(run, latents, original_size, crops_coords_top_left, target_size, negative_original_size,
+                             negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                             negative_aesthetic_score)
         latents, steps_run = self.denoise(latents, run.context, run.scheduler, timesteps, run.guidance_scale,
                                           step_kwargs=run.step_kwargs, callback=run.callback, condition=condition,
                                           blend=blend, added_cond=run.added_cond)
@@ -346,20 +346,28 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                              num_images_per_prompt=n_per_prompt, scheduler=scheduler, eta=eta, callback=callback,
                              clip_skip=clip_skip, output_type=output_type, weighting=weighting, text=text)
 
-    def _add_time_ids(self, run: _Run, time_ids: tuple[float, ...], negative: tuple[float, ...]) -> None:
-        """Put the micro-conditioning into the run's added conditioning: (2B or B, 5 or 6), rows as the context."""
+    def _add_time_ids(self, run: _Run, time_ids: tuple[float, ...], negative: tuple[float, ...],
+                      alternate: bool = False) -> None:
+        """Put the micro-conditioning into the run's added conditioning, (2B or B, 6 or 5): the negative row for
+        the unconditional half, the positive for the conditional half; alternate=True: diffusers' txt2img order,
+        the pair [negative, positive] repeated B times over the whole guided batch (a diffusers quirk that matters
+        only when the negative sizes differ and B > 1; kept for parity)."""
         expected = self._time_id_count()
         if len(time_ids) != expected:
             raise ValueError(f"the UNet reads {expected} time ids, {len(time_ids)} were made")
-        def rows(ids: tuple[float, ...]) -> Tensor:
-            return torch.tensor([ids], dtype=run.context.dtype, device=self.device).repeat(run.batch, 1)  # (B, 6)
 
-        run.added_cond["time_ids"] = guided_batch(rows(time_ids), rows(negative) if run.guided else None, 1)
+        def rows(*ids: tuple[float, ...]) -> Tensor:
+            return torch.tensor(ids, dtype=run.context.dtype, device=self.device).repeat(run.batch, 1)  # (B*n, 6)
+
+        if run.guided and alternate:
+            run.added_cond["time_ids"] = rows(negative, time_ids)  # (2B, 6): negative, positive, negative, ...
+        else:
+            run.added_cond["time_ids"] = guided_batch(rows(time_ids), rows(negative) if run.guided else None, 1)
 
     def _image_time_ids(self, run: _Run, latents: Tensor, original_size: Size | None, crops: Size,
-                          target_size: Size | None, negative_original_size: Size | None, negative_crops: Size,
-                          negative_target_size: Size | None, aesthetic_score: float,
-                          negative_aesthetic_score: float) -> None:
+                        target_size: Size | None, negative_original_size: Size | None, negative_crops: Size,
+                        negative_target_size: Size | None, aesthetic_score: float,
+                        negative_aesthetic_score: float) -> None:
         """img2img's and inpainting's time ids, diffusers' rules: sizes default to the latents' size x 8; the
         refiner reads (original, crops, aesthetic score), the negative row its own crops (default (0, 0)); the base
         reads (original, crops, target), the negative row with the positive crops."""

@@ -1,0 +1,203 @@
+"""StableDiffusionXLPipeline against diffusers' SDXL pipelines on the same tiny random weights, fp32 CPU.
+
+The tiny models have SDXL's layout (two text encoders, a plain first UNet level, mixed transformer depths, the
+text_time added embedding; a refiner with bigG only and 5 time ids). Tolerances are DESIGN.md's contract: each
+component within 1e-5 relative (kernels agree to ~1e-6), final latents within 1e-4 (a few Euler steps amplify the
+per-step difference by at most ~10x), decoded uint8 images at most 1 level apart on at most 0.1% of the values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import LATENT_TOL, NEGATIVES, PROMPTS, assert_images_close, disc_mask, picture, rel_err, run_ref
+from tests.helpers_xl import SIZE, generators, ours_from, reference_pipelines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+COMPONENT_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def xl():
+    """(reference base, reference refiner, our base, our refiner) on the same tiny weights."""
+    base, refiner = reference_pipelines()
+    return base, refiner, ours_from(base), ours_from(refiner)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt encoding
+
+
+@pytest.mark.parametrize("negative", [None, NEGATIVES])
+def test_encode_prompt_matches_diffusers(xl, negative):
+    """Context (B, 77, 32 + 48) and pooled (B, 40), prompts and negatives, prompt_2 differing from prompt; without
+    a negative prompt the base's unconditional inputs are zeros (force_zeros_for_empty_prompt)."""
+    ref, _, ours, _ = xl
+    prompts_2 = ["a watercolour", "a charcoal sketch"]
+    want = ref.encode_prompt(PROMPTS, prompts_2, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                             negative_prompt=negative)
+    context, added = ours._conditioning(PROMPTS, negative or ["", ""], 1, None, True, prompts_2=prompts_2,
+                                        zeros=negative is None)
+    assert context.shape == (4, 77, 80) and added["text_embeds"].shape == (4, 40)
+    assert rel_err(context[2:], want[0]) <= COMPONENT_TOL
+    assert rel_err(added["text_embeds"][2:], want[2]) <= COMPONENT_TOL
+    if negative is None:
+        assert not context[:2].any() and not added["text_embeds"][:2].any()
+    else:
+        assert rel_err(context[:2], want[1]) <= COMPONENT_TOL
+        assert rel_err(added["text_embeds"][:2], want[3]) <= COMPONENT_TOL
+
+
+def test_clip_skip_counts_from_sdxls_penultimate_layer(xl):
+    """Ours clip_skip=n reads hidden_states[-(n + 1)], diffusers' clip_skip=n - 1 (no final layer norm)."""
+    ref, _, ours, _ = xl
+    want = ref.encode_prompt(PROMPTS[0], num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=1)
+    context, pooled = ours.encode_prompt([PROMPTS[0]], clip_skip=2)
+    assert rel_err(context, want[0]) <= COMPONENT_TOL and rel_err(pooled, want[2]) <= COMPONENT_TOL
+    default, _ = ours.encode_prompt([PROMPTS[0]])
+    assert rel_err(context, default) > 1e-3  # another layer
+
+
+def test_emphasis_and_long_prompts_on_both_encoders(xl):
+    """A1111's SDXL rules: emphasis weights each encoder's hidden states and restores each one's mean; a long prompt
+    is encoded in 77-token chunks side by side, pooled from the first chunk; a plain short prompt is unchanged."""
+    _, _, ours, _ = xl
+    plain, pooled = ours.encode_prompt(["a red cat"])
+    weighted, weighted_pooled = ours.encode_prompt(["a (red:1.5) cat"])
+    assert torch.equal(pooled, weighted_pooled)  # pooled is unweighted (A1111)
+    for part in (slice(0, 32), slice(32, 80)):  # CLIP-L's columns, bigG's columns
+        assert abs(weighted[..., part].mean() - plain[..., part].mean()) < 1e-5  # mean restored per encoder
+        assert rel_err(weighted[:, 2, part], plain[:, 2, part]) > 1e-2  # "red" (position 2) is scaled
+    long_prompt = "a photo of " + "a very detailed cat, " * 20
+    context, long_pooled = ours.encode_prompt([long_prompt])
+    assert context.shape == (1, 154, 80)
+    first = ours.tokenizer_2([long_prompt])  # the first chunk is the plain truncation
+    assert torch.allclose(long_pooled, ours.text_encoder_2(first).text_embeds, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_txt2img_matches_diffusers(xl):
+    """Two prompts x two images, prompt_2, negative prompts and negative_prompt_2, micro-conditioning that differs
+    from the defaults (and a negative one), guidance 5: same latents and pixels as diffusers."""
+    ref, _, ours, _ = xl
+    kw = dict(prompt_2=["a watercolour", "a charcoal sketch"], negative_prompt=NEGATIVES,
+              negative_prompt_2="oversaturated", num_inference_steps=3, guidance_scale=5.0, num_images_per_prompt=2,
+              height=SIZE, width=SIZE, original_size=(512, 384), crops_coords_top_left=(16, 32),
+              target_size=(48, 80), negative_original_size=(256, 256), negative_target_size=(64, 32))
+    ref_images, ref_latents = run_ref(ref, PROMPTS, seed=7, n_images=4, **kw)
+    out = ours(PROMPTS, seed=7, output_type="np", **kw)
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_txt2img_defaults_match_diffusers(xl, guidance):
+    """No negative prompt (zeros with guidance, nothing without), default micro-conditioning, one generator."""
+    ref, _, ours, _ = xl
+    kw = dict(num_inference_steps=2, guidance_scale=guidance, height=SIZE, width=SIZE)
+    want = ref(PROMPTS[0], generator=torch.Generator().manual_seed(3), output_type="latent", **kw).images
+    out = ours(PROMPTS[0], generator=torch.Generator().manual_seed(3), output_type="latent", **kw)
+    assert rel_err(out.latents, want) <= LATENT_TOL
+
+
+def test_img2img_matches_diffusers(xl):
+    """The base's img2img from a picture: the posterior sample, then the noise, strength 0.6 of 4 steps."""
+    ref, _, ours, _ = xl
+    import diffusers
+
+    ref_i2i = diffusers.StableDiffusionXLImg2ImgPipeline(**ref.components)
+    ref_i2i.set_progress_bar_config(disable=True)
+    kw = dict(strength=0.6, negative_prompt=NEGATIVES[0], num_inference_steps=4, original_size=(96, 128),
+              crops_coords_top_left=(8, 0), negative_crops_coords_top_left=(4, 4))
+    ref_images, ref_latents = run_ref(ref_i2i, PROMPTS[1], image=picture(5), seed=11, n_images=2,
+                                      num_images_per_prompt=2, **kw)
+    out = ours.img2img(PROMPTS[1], picture(5), seed=11, num_images_per_prompt=2, output_type="np", **kw)
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_base_and_refiner_hand_off_matches_diffusers(xl, guidance):
+    """Ensemble of experts: the base stops at denoising_end=0.7 and returns latents; the refiner (bigG only, 5 time
+    ids, aesthetic scores that differ from the defaults) starts there with denoising_start=0.7, no noise added."""
+    ref, ref_refiner, ours, refiner = xl
+    kw = dict(negative_prompt=NEGATIVES[1], num_inference_steps=5, guidance_scale=guidance)
+    ref_latents = ref(PROMPTS[0], generator=generators(2, 1), height=SIZE, width=SIZE, denoising_end=0.7,
+                      output_type="latent", **kw).images
+    base_out = ours(PROMPTS[0], seed=2, height=SIZE, width=SIZE, denoising_end=0.7, output_type="latent", **kw)
+    assert base_out.steps_run == 3  # Euler "leading" 5 steps: 801, 601, 401 are >= 300; 201, 1 are left
+    assert rel_err(base_out.latents, ref_latents) <= LATENT_TOL
+    refine = dict(denoising_start=0.7, aesthetic_score=7.5, negative_aesthetic_score=1.5, original_size=(80, 96),
+                  crops_coords_top_left=(2, 4), **kw)
+    ref_images, ref_final = run_ref(ref_refiner, PROMPTS[0], image=ref_latents, seed=2, n_images=1, **refine)
+    out = refiner.img2img(PROMPTS[0], base_out.latents, seed=2, output_type="np", **refine)
+    assert out.steps_run == 2
+    assert rel_err(out.latents, ref_final) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+def test_refiner_img2img_from_a_picture_matches_diffusers(xl):
+    """The refiner on its own: a picture noised to strength 0.5, the empty negative prompt encoded (the refiner
+    does not zero it), default aesthetic scores."""
+    _, ref_refiner, _, refiner = xl
+    kw = dict(strength=0.5, num_inference_steps=4)
+    ref_images, ref_latents = run_ref(ref_refiner, PROMPTS[1], image=picture(8), seed=4, n_images=1, **kw)
+    out = refiner.img2img(PROMPTS[1], picture(8), seed=4, output_type="np", **kw)
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+def test_inpaint_matches_diffusers(xl):
+    """The base inpaints by blending (4-channel UNet): image latents, noise, masked-image latents drawn in
+    diffusers' order, the known region noised to the next step after each step."""
+    ref, _, ours, _ = xl
+    import diffusers
+
+    ref_inpaint = diffusers.StableDiffusionXLInpaintPipeline(**ref.components)
+    ref_inpaint.set_progress_bar_config(disable=True)
+    kw = dict(strength=0.8, negative_prompt=NEGATIVES[0], num_inference_steps=4, guidance_scale=6.0,
+              target_size=(32, 48))
+    ref_images, ref_latents = run_ref(ref_inpaint, PROMPTS[0], image=picture(6), mask_image=disc_mask(), seed=9,
+                                      n_images=2, num_images_per_prompt=2, height=SIZE, width=SIZE, **kw)
+    out = ours.inpaint(PROMPTS[0], picture(6), disc_mask(), seed=9, num_images_per_prompt=2, output_type="np", **kw)
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+def test_fp16_vae_decodes_in_fp32_when_force_upcast(xl):
+    """force_upcast: an fp16 VAE decodes in fp32 (diffusers' upcast) and is cast back; same pixels as fp32 decoding
+    of the fp16-rounded weights."""
+    _, _, ours, _ = xl
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        ours.vae.half()
+        images = ours.decode(latents.half())
+        assert next(ours.vae.parameters()).dtype == torch.float16
+        ours.vae.float()
+        want = ours.vae.decode(latents.half().float() / ours.vae.config.scaling_factor)
+    finally:
+        ours.vae.float()
+    assert images.dtype == torch.float32 and rel_err(images, want) <= COMPONENT_TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda p, r: r("a cat", height=SIZE, width=SIZE), "aesthetic scores"),
+    (lambda p, r: p("a cat", height=SIZE, width=SIZE, negative_original_size=(64, 64)), "both negative"),
+    (lambda p, r: p("a cat", height=SIZE, width=SIZE, original_size=(64,)), "original_size must be a pair"),
+    (lambda p, r: p("a cat", height=SIZE, width=SIZE, denoising_end=0.0), "denoising_end"),
+    (lambda p, r: p("a cat", prompt_2=["a", "b"], height=SIZE, width=SIZE), "prompt_2 has 2 entries"),
+    (lambda p, r: r.img2img("a cat", picture(1), denoising_start=0.8, denoising_end=0.5), "smaller than"),
+    (lambda p, r: p.inpaint("a cat", picture(1), disc_mask(32)), "same size"),
+])
+def test_bad_arguments_name_the_problem(xl, call, match):
+    _, _, ours, refiner = xl
+    with pytest.raises(ValueError, match=match):
+        call(ours, refiner)
