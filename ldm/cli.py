@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ldm import upscale_cli  # `ldm upscale` and the --hires-* options live in ldm/upscale_cli.py
 
     upscale_cli.add_hires_arguments(g)
+    from ldm import xl_cli  # the SDXL options (--prompt-2, --refiner, micro-conditioning) live in ldm/xl_cli.py
+
+    xl_cli.add_arguments(g)
     g.set_defaults(run=generate)
 
     u = commands.add_parser("upscale", help="upscale a picture 4x with the SD x4 upscaler",
@@ -296,6 +299,9 @@ def _stamp(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
         from ldm.upscale_cli import hires_fields
 
         extra.update(hires_fields(args))
+    from ldm import xl_cli
+
+    extra.update(xl_cli.fields(args))
     return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
                 guidance_scale=args.guidance, model_name=_model_name(args.model), model_hash=model_hash(args.model),
                 extra=extra)
@@ -322,6 +328,10 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
     """Run the right pipeline method under a progress bar. Returns the output and the (width, height)."""
     from tqdm import tqdm
 
+    from ldm import xl_cli
+
+    if xl_cli.applies(pipe, args):  # SDXL, with its refiner hand-off (ldm/xl_cli.py)
+        return xl_cli.run(pipe, args, common)
     if args.hires_scale is not None:
         from ldm.upscale_cli import run_hires
 
