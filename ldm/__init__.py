@@ -14,9 +14,11 @@ _EXPORTS = {
     "UNetConfig": "ldm.config", "VAEConfig": "ldm.config", "CLIPTextConfig": "ldm.config",
     "FamilyPreset": "ldm.config", "SD15": "ldm.config", "SD21_BASE": "ldm.config", "SD21_V": "ldm.config",
     "SD15_INPAINT": "ldm.config", "SD2_INPAINT": "ldm.config", "X4_UPSCALER": "ldm.config",
+    "SDXL_BASE": "ldm.config", "SDXL_REFINER": "ldm.config",
     "FAMILIES": "ldm.config",
     # models
     "UNet2DConditionModel": "ldm.unet", "AutoencoderKL": "ldm.vae", "CLIPTextModel": "ldm.clip",
+    "CLIPTextModelWithProjection": "ldm.clip",
     "CLIPTokenizer": "ldm.tokenizer", "ControlNetModel": "ldm.controlnet", "ControlNetConfig": "ldm.controlnet",
     # generating
     "StableDiffusionPipeline": "ldm.pipeline", "StableDiffusionUpscalePipeline": "ldm.upscale",

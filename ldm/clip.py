@@ -8,6 +8,9 @@ CLIPEncoderLayer, CLIPEncoder, CLIPTextModel), transformers 5.23.0.
 Two towers share this code, chosen by `CLIPTextConfig`:
 - SD 1.x: OpenAI CLIP ViT-L/14, 12 layers, D = 768, quick_gelu (`ldm.SD15.text`).
 - SD 2.x: OpenCLIP ViT-H/14 text as diffusers ships it, 23 of its 24 layers, D = 1024, gelu (`ldm.SD21_V.text`).
+- SDXL's second encoder: OpenCLIP ViT-bigG/14 text, 32 layers, D = 1280, gelu, with the projection head
+  (`CLIPTextModelWithProjection`, `ldm.SDXL_BASE.text_encoder_2`): its pooled output through `text_projection`
+  is the `text_embeds` SDXL's UNet is conditioned on.
 
 The UNet reads `last_hidden_state` (after `final_layer_norm`). `hidden_states` holds the input of every layer and
 the output of the last one (before the final norm), so clip_skip is `final_layer_norm(hidden_states[-1 - k])`.
@@ -42,6 +45,7 @@ class CLIPTextOutput:
     last_hidden_state: Tensor  # (B, S, D), after final_layer_norm: what the UNet attends to
     pooler_output: Tensor  # (B, D), last_hidden_state at the EOS token
     hidden_states: tuple[Tensor, ...]  # num_hidden_layers + 1 tensors (B, S, D): embeddings, then each layer
+    text_embeds: Tensor | None = None  # (B, projection_dim): text_projection(pooler_output); WithProjection only
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -216,6 +220,22 @@ class CLIPTextModel(nn.Module):
             got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
             raise ValueError(f"CLIPTextModel: attention_mask must be a tensor of the shape of input_ids "
                              f"{tuple(input_ids.shape)}, got {got}")
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """The text tower plus CLIP's projection head (transformers' CLIPTextModelWithProjection, same keys: `text_model.*`
+    and `text_projection.weight`, a Linear D -> projection_dim without bias). SDXL's OpenCLIP-bigG encoder."""
+
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> CLIPTextOutput:
+        """As CLIPTextModel.forward, plus `text_embeds` (B, projection_dim) = text_projection(pooler_output)."""
+        out = super().forward(input_ids, attention_mask, inputs_embeds)
+        out.text_embeds = self.text_projection(out.pooler_output)  # (B, D) -> (B, projection_dim)
+        return out
 
 
 def _accept_layouts(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],

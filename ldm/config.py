@@ -62,6 +62,7 @@ _TYPES = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "int | None": (lambda v: v is None or _is_int(v), "an int or null"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "tuple[int, ...]": (lambda v: isinstance(v, (tuple, list)) and all(map(_is_int, v)), "a list of ints"),
     "tuple[bool, ...]": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, bool) for x in v),
                          "a list of true/false"),
@@ -190,7 +191,7 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77  # S, the context length
     hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1) or "gelu" (OpenCLIP, SD 2)
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 768  # width of CLIPTextModelWithProjection's head; recorded, the text model has none
+    projection_dim: int = 768  # output width of CLIPTextModelWithProjection's text_projection (CLIPTextModel: unused)
     pad_token_id: int = 1  # recorded; padding is the tokenizer's business
     bos_token_id: int = 0
     # The pooled output is taken at the EOS token. transformers keeps a legacy rule: eos_token_id == 2 (as in the
@@ -226,9 +227,10 @@ class CLIPTextConfig:
         kw = {**defaults, **kw}
         return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})
 
-    def to_transformers(self, torch_dtype: str = "float32") -> dict[str, Any]:
-        """The transformers CLIPTextModel config.json for this config (from_transformers' inverse)."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **asdict(self),
+    def to_transformers(self, torch_dtype: str = "float32", architecture: str = "CLIPTextModel") -> dict[str, Any]:
+        """The transformers config.json for this config (from_transformers' inverse); architecture: CLIPTextModel
+        or CLIPTextModelWithProjection (SDXL's text_encoder_2)."""
+        return {"architectures": [architecture], "model_type": "clip_text_model", **asdict(self),
                 "attention_dropout": 0.0, "dropout": 0.0, "torch_dtype": torch_dtype}
 
 
@@ -237,13 +239,12 @@ class CLIPTextConfig:
 
 _UNET_FIXED = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False, "class_embed_type": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default", "class_embeddings_concat": False,
     "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
 }
@@ -276,6 +277,16 @@ class UNetConfig:
     # to the pixels (the x4 upscaler: (True, True, True, False)); a bool means every level. The mid block always
     # keeps self-attention (diffusers' UNetMidBlock2DCrossAttn has no such switch).
     only_cross_attention: bool | tuple[bool, ...] = False
+    # Transformer blocks stacked in each spatial transformer, per level (an int means every level; SDXL base:
+    # 1/2/10). The mid block takes the last level's depth, the up path mirrors the down path.
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    # SDXL's micro-conditioning (diffusers' addition_embed_type "text_time"): the pooled text embedding and the
+    # sinusoids of the size/crop (and aesthetic score) `time_ids`, each of addition_time_embed_dim, concatenated to
+    # projection_class_embeddings_input_dim values (base 1280 + 6 x 256 = 2816) and mapped by an MLP that is added to
+    # the time embedding (keys `add_time_proj` (no weights), `add_embedding`). None: no added conditioning.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
         owner = "UNetConfig"
@@ -287,6 +298,10 @@ class UNetConfig:
         heads = self.num_heads
         heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
         object.__setattr__(self, "num_heads", heads)
+        depth = self.transformer_layers_per_block
+        depth = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+        object.__setattr__(self, "transformer_layers_per_block", depth)
+        self._check_addition(owner)
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "cross_attention_levels", tuple(bool(x) for x in self.cross_attention_levels))
         only = self.only_cross_attention
@@ -301,7 +316,7 @@ class UNetConfig:
                   norm_num_groups=self.norm_num_groups)
         if levels == 0:
             raise ValueError(f"{owner}: block_out_channels must not be empty")
-        for name in ("cross_attention_levels", "num_heads", "only_cross_attention"):
+        for name in ("cross_attention_levels", "num_heads", "only_cross_attention", "transformer_layers_per_block"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"{owner}: {name} has {len(getattr(self, name))} entries, block_out_channels has "
                                  f"{levels}")
@@ -312,6 +327,23 @@ class UNetConfig:
                                  f"{self.norm_num_groups}")
             if width % nh:
                 raise ValueError(f"{owner}: block_out_channels entry {width} is not divisible by its num_heads {nh}")
+        for d in depth:
+            _positive(owner, transformer_layers_per_block=d)
+
+    def _check_addition(self, owner: str) -> None:
+        """addition_embed_type None or "text_time"; its two widths exactly when it is "text_time"."""
+        dims = {"addition_time_embed_dim": self.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim}
+        if self.addition_embed_type is None:
+            for name, value in dims.items():
+                if value is not None:
+                    raise ValueError(f"{owner}: {name} = {value!r} is only used with addition_embed_type "
+                                     f"'text_time' (addition_embed_type is None)")
+            return
+        if self.addition_embed_type != "text_time":
+            raise ValueError(f"{owner}: addition_embed_type {self.addition_embed_type!r} is not supported (only "
+                             f"None or 'text_time', SDXL's micro-conditioning)")
+        _positive(owner, **dims)
 
     @classmethod
     def with_head_dim(cls, head_dim: int, **kw: Any) -> "UNetConfig":
@@ -337,7 +369,8 @@ class UNetConfig:
                     "use_linear_projection", "upcast_attention", "flip_sin_to_cos", "freq_shift", "norm_num_groups",
                     "norm_eps", "dropout", "sample_size", "down_block_types", "up_block_types",
                     "attention_head_dim", "num_attention_heads", "num_class_embeds", "only_cross_attention",
-                    "mid_block_only_cross_attention"}
+                    "mid_block_only_cross_attention", "transformer_layers_per_block", "addition_embed_type",
+                    "addition_time_embed_dim", "projection_class_embeddings_input_dim"}
         kw = _read(d, owner, accepted, _UNET_FIXED)
         _lists(owner, kw, "block_out_channels", "down_block_types", "up_block_types")
         # Read by diffusers' UNetMidBlock2DCrossAttn never (only the "simple" mid block takes it): no effect here.
@@ -373,6 +406,7 @@ class UNetConfig:
         only = self.only_cross_attention
         return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **d,
                 "only_cross_attention": only[0] if len(set(only)) == 1 else list(only),
+                "transformer_layers_per_block": list(self.transformer_layers_per_block),
                 "block_out_channels": list(self.block_out_channels), "down_block_types": down, "up_block_types": up,
                 "attention_head_dim": list(self.num_heads), "act_fn": "silu", "center_input_sample": False,
                 "downsample_padding": 1, "mid_block_scale_factor": 1}
@@ -389,15 +423,19 @@ _SCHEDULE = (("num_train_timesteps", 1000), ("beta_start", 0.00085), ("beta_end"
 
 @dataclass(frozen=True)
 class FamilyPreset:
-    name: str  # "sd15", "sd21-base", "sd21-v", "sd15-inpaint", "sd2-inpaint"
+    name: str  # "sd15", "sd21-base", "sd21-v", "sd15-inpaint", "sd2-inpaint", "x4-upscaler", "sdxl-base", ...
     unet: UNetConfig
     vae: VAEConfig
-    text: CLIPTextConfig
+    text: CLIPTextConfig | None  # the (first) text encoder; None for the SDXL refiner, which has only the second
     prediction_type: str  # "epsilon" or "v_prediction"
     scheduler_class: str  # the diffusers class name of the family's default scheduler
-    pad_token: str  # the tokenizer's padding token: "<|endoftext|>" (SD 1) or "!" (SD 2)
+    pad_token: str  # the (first) tokenizer's padding token: "<|endoftext|>" (SD 1) or "!" (SD 2)
     native_size: int  # default image height and width in pixels
     scheduler_overrides: tuple[tuple[str, Any], ...] = field(default=(), repr=False)  # keys beyond _SCHEDULE
+    # SDXL's second text encoder (OpenCLIP bigG, a CLIPTextModelWithProjection; diffusers' `text_encoder_2`) and its
+    # tokenizer's padding token ("!"); None for the single-encoder families.
+    text_encoder_2: CLIPTextConfig | None = None
+    pad_token_2: str | None = None
 
     @property
     def scheduler(self) -> dict[str, Any]:
@@ -437,8 +475,33 @@ _VAE_X4 = VAEConfig(block_out_channels=(128, 256, 512), scaling_factor=0.08333, 
 X4_UPSCALER = FamilyPreset("x4-upscaler", _UNET_X4, _VAE_X4, _OPENCLIP_H, "v_prediction", "DDIMScheduler", "!", 512,
                            (("beta_start", 0.0001), ("beta_end", 0.02), ("skip_prk_steps", True)))
 
+# SDXL 1.0 (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0): the base UNet has three levels, no
+# attention at the first, 1/2/10 transformer blocks per level, a context of CLIP-L's and OpenCLIP-bigG's penultimate
+# hidden states side by side (768 + 1280 = 2048) and micro-conditioning on bigG's projected pooled output (1280) and
+# six size/crop numbers (1280 + 6 x 256 = 2816). The refiner: four levels 384..1536, attention in the middle two,
+# 4 blocks each, bigG alone (1280), and five numbers (sizes and an aesthetic score: 1280 + 5 x 256 = 2560). Both
+# share the VAE, whose latents are scaled by 0.13025 and whose fp16 decoder overflows (force_upcast), and diffusers'
+# Euler default with "leading" timestep spacing.
+_OPENCLIP_BIGG = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                num_hidden_layers=32, hidden_act="gelu", projection_dim=1280)
+_VAE_XL = VAEConfig(scaling_factor=0.13025, sample_size=1024, force_upcast=True)
+_XL_SCHEDULE = (("skip_prk_steps", True), ("timestep_spacing", "leading"), ("interpolation_type", "linear"),
+                ("use_karras_sigmas", False), ("sample_max_value", 1.0))
+_UNET_XL = UNetConfig(block_out_channels=(320, 640, 1280), cross_attention_levels=(False, True, True),
+                      num_heads=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816, sample_size=128)
+_UNET_XL_REFINER = UNetConfig(block_out_channels=(384, 768, 1536, 1536), cross_attention_levels=(False, True, True,
+                              False), num_heads=(6, 12, 24, 24), transformer_layers_per_block=4,
+                              cross_attention_dim=1280, use_linear_projection=True, addition_embed_type="text_time",
+                              addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560, sample_size=128)
+SDXL_BASE = FamilyPreset("sdxl-base", _UNET_XL, _VAE_XL, _CLIP_L, "epsilon", "EulerDiscreteScheduler",
+                         "<|endoftext|>", 1024, _XL_SCHEDULE, text_encoder_2=_OPENCLIP_BIGG, pad_token_2="!")
+SDXL_REFINER = FamilyPreset("sdxl-refiner", _UNET_XL_REFINER, _VAE_XL, None, "epsilon", "EulerDiscreteScheduler",
+                            "!", 1024, _XL_SCHEDULE, text_encoder_2=_OPENCLIP_BIGG, pad_token_2="!")
+
 FAMILIES: dict[str, FamilyPreset] = {p.name: p for p in (SD15, SD21_BASE, SD21_V, SD15_INPAINT, SD2_INPAINT,
-                                                         X4_UPSCALER)}
+                                                         X4_UPSCALER, SDXL_BASE, SDXL_REFINER)}
 
 
 def family(name: str) -> FamilyPreset:

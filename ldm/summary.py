@@ -43,8 +43,11 @@ from torch import Tensor, nn
 from ldm.config import FAMILIES, FamilyPreset
 
 COMPONENTS = ("text_encoder", "unet", "vae")  # the order of the data path: prompt -> context -> latents -> pixels
+# ... and with SDXL's second text encoder (OpenCLIP bigG); a family lists the ones it has (the refiner: no first)
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 TIMESTEP = 999  # the UNet's example timestep (any value gives the same shapes)
-DEFAULT_DEPTHS = {"text_encoder": 3, "unet": 3, "vae": 4}  # the depths of the posts' tables (see the docstring)
+MICRO_CONDITIONING = (1024, 1024, 0, 0, 1024, 1024)  # SDXL's example time_ids: original size, crop, target size
+DEFAULT_DEPTHS = {"text_encoder": 3, "text_encoder_2": 3, "unet": 3, "vae": 4}  # the posts' depths (see above)
 MAX_SIZE = 65536  # the largest image side a table is drawn for (a 1-head attention over it still fits int64)
 
 
@@ -188,8 +191,9 @@ def example_inputs(component: str, preset: FamilyPreset, size: int, batch: int =
                    device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> tuple[Any, ...]:
     """The forward arguments of one component at image size `size` x `size` (pixels).
 
-    text_encoder: ids (B, 77); unet: latents (B, in_channels, size/8, size/8), timestep TIMESTEP, context
-    (B, 77, D); vae: an image (B, 3, size, size), which its forward encodes and decodes.
+    text_encoder, text_encoder_2: ids (B, 77); unet: latents (B, in_channels, size/8, size/8), timestep TIMESTEP,
+    context (B, 77, D); vae: an image (B, 3, size, size), which its forward encodes and decodes. The keyword
+    arguments (SDXL's added_cond_kwargs) are `example_kwargs`.
     """
     f = preset.vae.downsample_factor
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % (f * preset.unet.downsample_factor):
@@ -197,8 +201,8 @@ def example_inputs(component: str, preset: FamilyPreset, size: int, batch: int =
                          f"(VAE x UNet downsampling), got {size!r}")
     if size > MAX_SIZE:  # the shapes are symbolic, but tensor sizes beyond int64 overflow even on the meta device
         raise ValueError(f"size must be at most {MAX_SIZE:,} pixels, got {size:,}")
-    S = preset.text.max_position_embeddings
-    if component == "text_encoder":
+    S = (preset.text or preset.text_encoder_2).max_position_embeddings
+    if component in ("text_encoder", "text_encoder_2"):
         return (torch.zeros(batch, S, dtype=torch.long, device=device),)
     if component == "unet":
         latents = torch.zeros(batch, preset.unet.in_channels, size // f, size // f, device=device, dtype=dtype)
@@ -211,34 +215,58 @@ def example_inputs(component: str, preset: FamilyPreset, size: int, batch: int =
     raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
 
 
+def example_kwargs(component: str, preset: FamilyPreset, batch: int = 1, device: str | torch.device = "meta",
+                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The keyword arguments of one component's forward: SDXL's UNet takes added_cond_kwargs, text_embeds (B, P)
+    and time_ids (B, N) with N = (projection_class_embeddings_input_dim - P) / addition_time_embed_dim."""
+    unet = preset.unet
+    if component != "unet" or unet.addition_embed_type is None:
+        return {}
+    pooled = preset.text_encoder_2.projection_dim if preset.text_encoder_2 is not None else 0
+    n = (unet.projection_class_embeddings_input_dim - pooled) // unet.addition_time_embed_dim
+    ids = (MICRO_CONDITIONING[:n - 1] + (6,)) if n == 5 else MICRO_CONDITIONING[:n]  # refiner: aesthetic score 6
+    return {"added_cond_kwargs": {"text_embeds": torch.zeros(batch, pooled, device=device, dtype=dtype),
+                                  "time_ids": torch.tensor([ids] * batch, device=device, dtype=dtype)}}
+
+
+def components_of(preset: FamilyPreset) -> tuple[str, ...]:
+    """The components a family has, in data-path order (SD: text_encoder, unet, vae; SDXL adds text_encoder_2)."""
+    return tuple(c for c in ALL_COMPONENTS if c not in ("text_encoder", "text_encoder_2")
+                 or getattr(preset, "text" if c == "text_encoder" else c) is not None)
+
+
 def build_meta(component: str, preset: FamilyPreset) -> nn.Module:
     """The full-size component of a family with every parameter on the meta device (no memory, no init)."""
-    from ldm.clip import CLIPTextModel
+    from ldm.clip import CLIPTextModel, CLIPTextModelWithProjection
     from ldm.unet import UNet2DConditionModel
     from ldm.vae import AutoencoderKL
 
     classes = {"text_encoder": (CLIPTextModel, preset.text), "unet": (UNet2DConditionModel, preset.unet),
+               "text_encoder_2": (CLIPTextModelWithProjection, preset.text_encoder_2),
                "vae": (AutoencoderKL, preset.vae)}
     if component not in classes:
-        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+        raise ValueError(f"component must be one of {ALL_COMPONENTS}, got {component!r}")
     cls, cfg = classes[component]
+    if cfg is None:
+        raise ValueError(f"{preset.name} has no {component}")
     with torch.device("meta"):
         return cls(cfg).eval()
 
 
 def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None = None, depth: int | None = None,
-                  components: Sequence[str] = COMPONENTS, family: str | None = None,
+                  components: Sequence[str] = ALL_COMPONENTS, family: str | None = None,
                   allow_pickle: bool = False) -> dict[str, LayerTable]:
     """Layer tables of a model's components, in data-path order.
 
     model: a preset name ("sd15", "sd21-v", ... built on the meta device, no weights), a FamilyPreset, or a
     checkpoint file / diffusers folder (loaded with ldm.load_pipeline; `family` and `allow_pickle` go to it).
-    size: the image side in pixels (default: the family's native size, 512 or 768).
+    size: the image side in pixels (default: the family's native size, 512, 768 or 1024).
+    components: which to tabulate, of those the family has (an SDXL refiner has no text_encoder).
     depth: levels of submodules listed, for every component (default: DEFAULT_DEPTHS, each its own).
     """
     for c in components:
-        if c not in COMPONENTS:
-            raise ValueError(f"components: each must be one of {COMPONENTS}, got {c!r}")
+        if c not in ALL_COMPONENTS:
+            raise ValueError(f"components: each must be one of {ALL_COMPONENTS}, got {c!r}")
     loaded: dict[str, nn.Module] = {}
     if isinstance(model, FamilyPreset):
         preset = model
@@ -249,20 +277,20 @@ def inspect_model(model: str | os.PathLike | FamilyPreset, *, size: int | None =
 
         pipe = ldm.load_pipeline(model, family=family, allow_pickle=allow_pickle)
         preset = pipe.family
-        loaded = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae": pipe.vae}
+        loaded = {c: getattr(pipe, c, None) for c in ALL_COMPONENTS}
     else:
         raise ValueError(f"model must be a family name ({', '.join(FAMILIES)}) or an existing checkpoint file or "
                          f"diffusers folder, got {str(model)!r}")
     size = preset.native_size if size is None else size
     tables = {}
-    for c in COMPONENTS:
+    for c in components_of(preset):
         if c not in components:
             continue
         twin = build_meta(c, preset)
-        args = example_inputs(c, preset, size)
+        args, kwargs = example_inputs(c, preset, size), example_kwargs(c, preset)
         title = f"{preset.name} {c}: {type(twin).__name__}, image {size}x{size}"
-        table = summarize(twin, args, depth=DEFAULT_DEPTHS[c] if depth is None else depth, title=title)
-        if c in loaded:
+        table = summarize(twin, args, kwargs, depth=DEFAULT_DEPTHS[c] if depth is None else depth, title=title)
+        if loaded.get(c) is not None:
             real = loaded[c]
             if _count(real) != table.total_params:
                 raise RuntimeError(f"{c}: the loaded module has {_count(real):,} parameters but its meta twin from "
@@ -285,8 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None,
                         help="how many levels of submodules to list (default: as the posts' tables, 3 for the text "
                              "encoder and the UNet, 4 for the VAE)")
-    parser.add_argument("--component", choices=COMPONENTS, action="append", default=None,
-                        help="only this component (repeatable; default: all three)")
+    parser.add_argument("--component", choices=ALL_COMPONENTS, action="append", default=None,
+                        help="only this component (repeatable; default: all the model has)")
     parser.add_argument("--family", choices=tuple(FAMILIES), default=None,
                         help="model family of a checkpoint whose keys cannot tell (SD 2.x single files)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .ckpt files")
@@ -300,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         if args.depth is not None and args.depth < 0:
             raise ValueError(f"--depth must be >= 0, got {args.depth}")
         tables = inspect_model(args.model, size=args.size, depth=args.depth,
-                               components=args.component or COMPONENTS, family=args.family,
+                               components=args.component or ALL_COMPONENTS, family=args.family,
                                allow_pickle=args.allow_pickle)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"ldm inspect: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The denoising UNet of Stable Diffusion 1.x / 2.x: a text-conditioned UNet on latents.
+"""The denoising UNet of Stable Diffusion 1.x / 2.x / XL: a text-conditioned UNet on latents.
 
 Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022), section 3.3
 (the conditioning mechanism); the UNet backbone follows Ho et al. (DDPM, 2020) and Dhariwal & Nichol (2021), the
@@ -19,8 +19,15 @@ The data path, for SD 1.5 at a 64x64 latent (block_out_channels 320/640/1280/128
                                               └─ up levels (mirror, one more block each): concat a skip, ResNet,
                                                  Transformer, ..., upsample ─> conv_norm_out, SiLU, conv_out
 
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis") is the
+same network with options of UNetConfig: three levels 320/640/1280, no attention at the first, 1/2/10 transformer
+blocks stacked per spatial transformer (`transformer_layers_per_block`), a 2048-wide text context, and
+micro-conditioning (`addition_embed_type="text_time"`): the pooled text embedding and the sinusoids of the six
+size/crop numbers (`time_ids`) go through one more MLP, `add_embedding`, whose output is added to temb.
+
 Shapes: B batch, C channels, H, W latent height and width, L = H*W, S text tokens (77), D transformer width (= C of
-its level), D_text = cross_attention_dim, nh heads, hd head width (D = nh * hd), T = time embedding width.
+its level), D_text = cross_attention_dim, nh heads, hd head width (D = nh * hd), T = time embedding width,
+N = number of micro-conditioning values (time_ids: 6 for SDXL base, 5 for the refiner), P = pooled text width.
 """
 
 from __future__ import annotations
@@ -230,18 +237,20 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """The spatial transformer: flatten the feature map to L = H*W tokens, run one transformer block, fold back.
+    """The spatial transformer: flatten the feature map to L = H*W tokens, run `depth` transformer blocks (1 in
+    SD 1/2; SDXL stacks 2 or 10), fold back.
 
     proj_in / proj_out are 1x1 convs (SD 1) or Linear layers (SD 2, use_linear_projection); the same map either way.
     """
 
-    def __init__(self, ch: int, heads: int, cfg: UNetConfig, only_cross: bool = False) -> None:
+    def __init__(self, ch: int, heads: int, cfg: UNetConfig, only_cross: bool = False, depth: int = 1) -> None:
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention, only_cross)])
+            [BasicTransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention, only_cross)
+             for _ in range(depth)])
         self.proj_out = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -288,14 +297,15 @@ class DownBlock(nn.Module):
     """One encoder level: `layers_per_block` x [ResNet, (Transformer)], then an optional stride-2 downsample.
 
     Returns the features and every intermediate output, which become skip connections of the up path.
+    depth: transformer blocks per spatial transformer (the level's transformer_layers_per_block).
     """
 
     def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, heads: int, with_attention: bool,
-                 add_downsample: bool, only_cross: bool = False) -> None:
+                 add_downsample: bool, only_cross: bool = False, depth: int = 1) -> None:
         super().__init__()
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList([_resnet(cfg, in_ch if i == 0 else out_ch, out_ch) for i in range(n)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg, only_cross) for _ in range(n)]
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg, only_cross, depth) for _ in range(n)]
                                         if with_attention else [])
         # key-compat: diffusers keeps the downsampler in a one-element list, `downsamplers.0.conv`.
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if add_downsample else [])
@@ -317,10 +327,10 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """The bottleneck: ResNet, Transformer, ResNet at the lowest resolution (diffusers UNetMidBlock2DCrossAttn)."""
 
-    def __init__(self, cfg: UNetConfig, ch: int, heads: int) -> None:
+    def __init__(self, cfg: UNetConfig, ch: int, heads: int, depth: int = 1) -> None:
         super().__init__()
         self.resnets = nn.ModuleList([_resnet(cfg, ch, ch), _resnet(cfg, ch, ch)])
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, cfg)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, cfg, depth=depth)])
 
     def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
@@ -335,11 +345,11 @@ class UpBlock(nn.Module):
     """
 
     def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, skip_chs: list[int], heads: int,
-                 with_attention: bool, add_upsample: bool, only_cross: bool = False) -> None:
+                 with_attention: bool, add_upsample: bool, only_cross: bool = False, depth: int = 1) -> None:
         super().__init__()
         ins = [in_ch] + [out_ch] * (len(skip_chs) - 1)
         self.resnets = nn.ModuleList([_resnet(cfg, c + s, out_ch) for c, s in zip(ins, skip_chs)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg, only_cross) for _ in skip_chs]
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, cfg, only_cross, depth) for _ in skip_chs]
                                         if with_attention else [])
         # key-compat: diffusers keeps the upsampler in a one-element list, `upsamplers.0.conv`.
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if add_upsample else [])
@@ -369,6 +379,7 @@ class UNet2DConditionModel(nn.Module):
             raise TypeError(f"UNet2DConditionModel: cfg must be a UNetConfig, got {type(cfg).__name__}")
         self.config = cfg
         widths, heads, attn = cfg.block_out_channels, cfg.num_heads, cfg.cross_attention_levels
+        depth, only = cfg.transformer_layers_per_block, cfg.only_cross_attention
         last = len(widths) - 1
 
         self.time_proj = Timesteps(widths[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -376,6 +387,12 @@ class UNet2DConditionModel(nn.Module):
         # Class conditioning (the x4 upscaler's noise level): one learned vector per class, added to temb.
         self.class_embedding = None if cfg.num_class_embeds is None else \
             nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
+        # SDXL micro-conditioning ("text_time"): sinusoids of the time_ids (no weights) and the MLP that maps
+        # [pooled text | sinusoids] (B, P + N * addition_time_embed_dim) to (B, T), added to temb.
+        self.add_time_proj = self.add_embedding = None
+        if cfg.addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
 
         # Down path; record the channel count of every skip it leaves behind (conv_in's output is the first).
@@ -384,10 +401,10 @@ class UNet2DConditionModel(nn.Module):
         for i, width in enumerate(widths):
             in_ch = widths[max(i - 1, 0)]
             self.down_blocks.append(DownBlock(cfg, in_ch, width, heads[i], attn[i], add_downsample=i < last,
-                                              only_cross=cfg.only_cross_attention[i]))
+                                              only_cross=only[i], depth=depth[i]))
             skip_chs += [width] * (cfg.layers_per_block + (i < last))
 
-        self.mid_block = MidBlock(cfg, widths[-1], heads[-1])
+        self.mid_block = MidBlock(cfg, widths[-1], heads[-1], depth[-1])  # diffusers: the last level's depth
 
         # Up path: the mirror image, each level consuming layers_per_block + 1 skips from the end of the list.
         self.up_blocks = nn.ModuleList()
@@ -397,14 +414,14 @@ class UNet2DConditionModel(nn.Module):
             level_skips = skip_chs[-n:][::-1]
             del skip_chs[-n:]
             self.up_blocks.append(UpBlock(cfg, in_ch, widths[i], level_skips, heads[i], attn[i], add_upsample=i > 0,
-                                          only_cross=cfg.only_cross_attention[i]))
+                                          only_cross=only[i], depth=depth[i]))
             in_ch = widths[i]
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor,
-                class_labels: Tensor | int | None = None, *,
+                class_labels: Tensor | int | None = None, *, added_cond_kwargs: dict[str, Tensor] | None = None,
                 down_block_additional_residuals: list[Tensor] | tuple[Tensor, ...] | None = None,
                 mid_block_additional_residual: Tensor | None = None) -> Tensor:
         """sample: (B, C_in, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, S, D_text) -> (B, C_out, H, W).
@@ -412,10 +429,14 @@ class UNet2DConditionModel(nn.Module):
         H and W must be divisible by cfg.downsample_factor (8 for every SD preset). Timesteps are used as given,
         fractional ones included (LMS and Euler schedulers). class_labels: scalar or (B,) ints in
         [0, num_class_embeds), required exactly when the config has num_class_embeds (the x4 upscaler's noise level).
+        added_cond_kwargs: SDXL's micro-conditioning, required exactly when addition_embed_type is "text_time":
+        {"text_embeds": (B, P) pooled text embedding, "time_ids": (B, N) original size, crop and target size (or
+        aesthetic score)}, as in diffusers.
         The two residuals (a ControlNet's outputs, diffusers' names and semantics) come together: one per skip
         connection, added to it, and one added to the middle block's output (ldm/controlnet.py).
         """
         self._check_inputs(sample, encoder_hidden_states)
+        added = self._added_cond(added_cond_kwargs, sample)  # (text_embeds, time_ids) or (None, None)
         t = self._timesteps(timestep, sample)  # (B,) on the sample's device
         if self.class_embedding is None:
             if class_labels is not None:
@@ -428,14 +449,16 @@ class UNet2DConditionModel(nn.Module):
                              "(a ControlNet gives both)")
         down = None if down_block_additional_residuals is None else list(down_block_additional_residuals)
         # self.network: ldm.optimize.compile_unet may shadow it on this instance (positional arguments only)
-        if down is None:
+        if down is None and added[0] is None:
             return self.network(sample, t, encoder_hidden_states, labels)
-        return self.network(sample, t, encoder_hidden_states, labels, down, mid_block_additional_residual)
+        return self.network(sample, t, encoder_hidden_states, labels, down, mid_block_additional_residual, *added)
 
     def network(self, sample: Tensor, t: Tensor, context: Tensor, class_labels: Tensor | None = None,
-                down_residuals: list[Tensor] | None = None, mid_residual: Tensor | None = None) -> Tensor:
+                down_residuals: list[Tensor] | None = None, mid_residual: Tensor | None = None,
+                text_embeds: Tensor | None = None, time_ids: Tensor | None = None) -> Tensor:
         """The network itself on checked inputs: sample (B, C_in, H, W), t (B,) on its device, context (B, S, D_text),
-        class_labels (B,) int64 on its device where the model has a class embedding, the ControlNet residuals.
+        class_labels (B,) int64 on its device where the model has a class embedding, the ControlNet residuals,
+        SDXL's text_embeds (B, P) and time_ids (B, N) where the model has the text_time embedding.
 
         Kept apart from forward's input checks so the math reads alone, and so torch.compile sees tensors on one
         device and no Python checks: ldm.optimize.compile_unet shadows this method on one instance by its graph.
@@ -445,6 +468,11 @@ class UNet2DConditionModel(nn.Module):
         temb = self.time_embedding(temb)  # (B, T)
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels).to(sample.dtype)  # (B, T): diffusers adds, no concat
+        if self.add_embedding is not None:  # SDXL: each micro-conditioning number gets its own sinusoid
+            B = time_ids.shape[0]
+            time_embeds = self.add_time_proj(time_ids.flatten()).reshape(B, -1)  # (B*N, E) -> (B, N*E), fp32
+            add_embeds = torch.cat([text_embeds, time_embeds], dim=-1)  # (B, P + N*E), promoted as diffusers does
+            temb = temb + self.add_embedding(add_embeds.to(temb.dtype))  # (B, T)
 
         x = self.conv_in(sample)  # (B, C0, H, W)
         skips = [x]
@@ -483,6 +511,36 @@ class UNet2DConditionModel(nn.Module):
         if context.shape[0] != sample.shape[0]:
             raise ValueError(f"UNet: encoder_hidden_states batch is {context.shape[0]}, expected the sample's batch "
                              f"{sample.shape[0]}")
+
+    def _added_cond(self, added: dict[str, Tensor] | None,
+                    sample: Tensor) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """SDXL's added_cond_kwargs checked against the config: (text_embeds (B, P), time_ids (B, N)) on the sample's
+        device, or (None, None) for a UNet without the text_time embedding."""
+        cfg, B = self.config, sample.shape[0]
+        if cfg.addition_embed_type is None:
+            if added:
+                raise ValueError(f"UNet: added_cond_kwargs given ({', '.join(added)}), but this model has no added "
+                                 f"conditioning (addition_embed_type is None)")
+            return None, None
+        missing = [k for k in ("text_embeds", "time_ids") if not isinstance(added, dict) or added.get(k) is None]
+        if missing:
+            raise ValueError(f"UNet: this model has addition_embed_type 'text_time' (SDXL), which needs "
+                             f"added_cond_kwargs with {' and '.join(repr(k) for k in missing)} (text_embeds: (B, "
+                             f"pooled text width), time_ids: (B, number of size/crop/score values))")
+        unknown = set(added) - {"text_embeds", "time_ids"}
+        if unknown:
+            raise ValueError(f"UNet: unknown added_cond_kwargs {sorted(unknown)} (expected text_embeds and time_ids)")
+        text, ids = added["text_embeds"], added["time_ids"]
+        for name, x in (("text_embeds", text), ("time_ids", ids)):
+            if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[0] != B or not x.is_floating_point():
+                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"UNet: added_cond_kwargs[{name!r}] must be a float tensor (B={B}, n), got {got}")
+        width = text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(f"UNet: text_embeds width {text.shape[1]} + {ids.shape[1]} time_ids x "
+                             f"{cfg.addition_time_embed_dim} = {width}, expected projection_class_embeddings_input_dim="
+                             f"{cfg.projection_class_embeddings_input_dim}")
+        return text.to(sample.device), ids.to(sample.device)
 
     def _class_labels(self, labels: Tensor | int | None, sample: Tensor) -> Tensor:
         """Class labels as a (B,) int64 tensor on the sample's device, checked against num_class_embeds."""

@@ -38,7 +38,10 @@ def test_family_facts():
     assert (ldm.SD15.pad_token, ldm.SD21_V.pad_token) == ("<|endoftext|>", "!")
     assert (ldm.SD15.native_size, ldm.SD21_BASE.native_size, ldm.SD21_V.native_size) == (512, 512, 768)
     assert ldm.SD15_INPAINT.unet.in_channels == 9 and ldm.SD2_INPAINT.unet.in_channels == 9
-    assert set(FAMILIES) == {"sd15", "sd21-base", "sd21-v", "sd15-inpaint", "sd2-inpaint", "x4-upscaler"}
+    assert set(FAMILIES) == {"sd15", "sd21-base", "sd21-v", "sd15-inpaint", "sd2-inpaint", "x4-upscaler",
+                             "sdxl-base", "sdxl-refiner"}
+    assert ldm.SDXL_BASE.unet.transformer_layers_per_block == (1, 2, 10) and ldm.SDXL_REFINER.text is None
+    assert ldm.SDXL_BASE.text_encoder_2.num_hidden_layers == 32 and ldm.SDXL_BASE.vae.scaling_factor == 0.13025
 
 
 def test_presets_are_frozen_and_scheduler_dict_is_a_copy():
@@ -117,9 +120,12 @@ def test_to_diffusers_round_trips_and_diffusers_builds_it(preset):
     """to_diffusers()/to_transformers() are from_*'s inverses, and the references accept what they write."""
     assert ldm.UNetConfig.from_diffusers(preset.unet.to_diffusers()) == preset.unet
     assert ldm.VAEConfig.from_diffusers(preset.vae.to_diffusers()) == preset.vae
-    assert ldm.CLIPTextConfig.from_transformers(preset.text.to_transformers()) == preset.text
+    for text in (preset.text, preset.text_encoder_2):
+        if text is not None:
+            assert ldm.CLIPTextConfig.from_transformers(text.to_transformers()) == text
     for cls, d in ((diffusers.UNet2DConditionModel, preset.unet.to_diffusers()),
                    (diffusers.AutoencoderKL, preset.vae.to_diffusers())):
         init, unused = cls.extract_init_dict(d)[:2]  # what diffusers' from_config would pass to __init__
         assert not unused and {k for k in d if not k.startswith("_")} <= set(init), cls.__name__
-    assert transformers.CLIPTextConfig(**preset.text.to_transformers()).hidden_act == preset.text.hidden_act
+    text = preset.text or preset.text_encoder_2
+    assert transformers.CLIPTextConfig(**text.to_transformers()).hidden_act == text.hidden_act
