@@ -168,6 +168,39 @@ def test_inpaint_matches_diffusers(xl):
     assert_images_close(out.images, ref_images)
 
 
+@pytest.fixture(scope="module")
+def xl9():
+    """diffusers' SDXL inpainting pipeline with a 9-channel UNet, and ours on the same weights."""
+    import diffusers
+
+    base9, _ = reference_pipelines(inpaint_channels=9)
+    ref = diffusers.StableDiffusionXLInpaintPipeline(**base9.components)
+    ref.set_progress_bar_config(disable=True)
+    return ref, ours_from(base9)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_9_channel_matches_diffusers(xl9, strength):
+    """An SDXL inpainting UNet (9 input channels) sees [x, mask, masked-image latents]; strength 1.0 starts from pure
+    noise (no image latents drawn), 0.7 from the noised image."""
+    ref, ours = xl9
+    kw = dict(strength=strength, negative_prompt=NEGATIVES[1], num_inference_steps=3, crops_coords_top_left=(8, 8))
+    ref_images, ref_latents = run_ref(ref, PROMPTS[1], image=picture(2), mask_image=disc_mask(), seed=5, n_images=1,
+                                      height=SIZE, width=SIZE, **kw)
+    out = ours.inpaint(PROMPTS[1], picture(2), disc_mask(), seed=5, output_type="np", **kw)
+    assert rel_err(out.latents, ref_latents) <= LATENT_TOL
+    assert_images_close(out.images, ref_images)
+
+
+def test_warm_up_feeds_the_added_conditioning(xl):
+    """ldm.optimize.warm_up (the compile warm-up of --optimize) runs an SDXL UNet with zero added conditioning of
+    the right widths, base (6 time ids) and refiner (5)."""
+    from ldm.optimize import warm_up
+
+    _, _, ours, refiner = xl
+    assert warm_up(ours, height=SIZE, width=SIZE, calls=1) > 0 and warm_up(refiner, height=SIZE, width=SIZE, calls=1) > 0
+
+
 def test_fp16_vae_decodes_in_fp32_when_force_upcast(xl):
     """force_upcast: an fp16 VAE decodes in fp32 (diffusers' upcast) and is cast back; same pixels as fp32 decoding
     of the fp16-rounded weights."""
