@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.config import FamilyPreset
+from ldm.embeddings import PLACEHOLDER, TextualInversion
 from ldm.images import ImageInput, mask_to_tensor
 from ldm.limits import check_generation
 from ldm.pipeline import (Callback, PipelineOutput, StableDiffusionPipeline, _check_strength, _prompts, _Run,
@@ -77,6 +78,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             force_zeros_for_empty_prompt = text_encoder is not None
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.requires_aesthetics_score = self._time_id_count() == 5  # diffusers' flag, read off the UNet
+        self.textual_inversion_2 = TextualInversion()  # the bigG halves of loaded SDXL embeddings
         if optimize:
             self.optimize()
 
@@ -288,10 +290,13 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def _encoders(self, prompts: list[str], prompts_2: list[str]) -> list[tuple[Any, nn.Module, list[str]]]:
         """(tokenizer, encoder, texts) per encoder: CLIP-L with prompts, bigG with prompts_2 (the refiner: bigG
-        with prompts, diffusers' zip of [prompt, prompt_2] with its one encoder)."""
+        with prompts, diffusers' zip of [prompt, prompt_2] with its one encoder). The tokenizers splice the
+        loaded textual inversion words (ldm/embeddings.py), each encoder its own vectors."""
+        tokenizer_2 = self.textual_inversion_2.wrap(self.tokenizer_2)
         if self.text_encoder is None:
-            return [(self.tokenizer_2, self.text_encoder_2, prompts)]
-        return [(self.tokenizer, self.text_encoder, prompts), (self.tokenizer_2, self.text_encoder_2, prompts_2)]
+            return [(tokenizer_2, self.text_encoder_2, prompts)]
+        return [(self.textual_inversion.wrap(self.tokenizer), self.text_encoder, prompts),
+                (tokenizer_2, self.text_encoder_2, prompts_2)]
 
     def _conditioning(self, prompts: list[str], negatives: list[str] | None, n_per_prompt: int,
                       clip_skip: int | None, weighting: bool, *, prompts_2: list[str] | None = None,
@@ -301,7 +306,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         guided = negatives is not None
         encode = functools.partial(self._encode_pair, prompts_2=prompts_2, negatives_2=negatives_2)
         extra = (None if prompts_2 is None else tuple(prompts_2), None if negatives_2 is None else tuple(negatives_2),
-                 id(self.text_encoder), id(self.tokenizer), _fingerprint(self.text_encoder))
+                 id(self.text_encoder), id(self.tokenizer), _fingerprint(self.text_encoder),
+                 self.textual_inversion.state, self.textual_inversion_2.state)
         cond, pooled, uncond, uncond_pooled = self._prompt_cache(
             encode, self.text_encoder_2, self.tokenizer_2, prompts, None if zeros else negatives, clip_skip,
             weighting, extra=extra)
@@ -462,10 +468,31 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             self.vae.to(dtype)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Adapters: the SD 1.x / 2.x formats do not fit SDXL's two encoders
+    # Adapters
 
     def load_textual_inversion(self, path: Any, token: str | None = None) -> str:
-        raise NotImplementedError("textual inversion for SDXL (clip_l + clip_g vectors) is not supported yet")
+        """Load an SDXL textual inversion file (`clip_l` (n, 768) and `clip_g` (n, 1280) vectors, A1111's and
+        kohya's SDXL format) so that `token` (default: the file stem) in a prompt stands for its clip_l vectors in
+        CLIP-L's input and its clip_g vectors in bigG's (the refiner: clip_g only). Both are checked before either
+        is added. Returns the word."""
+        from weights_convert.adapter_files import read_sdxl_embedding
+
+        clip_l, clip_g = read_sdxl_embedding(path, token)
+        self.textual_inversion_2.add(clip_g, self.text_encoder_2.config.hidden_size)
+        if self.text_encoder is not None:
+            try:
+                self.textual_inversion.add(clip_l, self.text_encoder.config.hidden_size)
+            except ValueError:
+                self.textual_inversion_2.remove(clip_g.word)  # nothing half-loaded
+                raise
+        return clip_g.word
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Forget the named embedding words (None: all), from both encoders."""
+        for word in [tokens] if isinstance(tokens, str) else (tokens or [None]):
+            self.textual_inversion_2.remove(word)
+            if self.text_encoder is not None:
+                self.textual_inversion.remove(word)
 
     def load_lora_weights(self, path: Any, adapter_name: str | None = None, weight: float = 1.0) -> str:
         raise NotImplementedError("LoRA for SDXL (two text encoders) is not supported yet")
@@ -483,15 +510,30 @@ def _encode_chunks(tokenizer: Any, encoder: nn.Module, texts: list[str], k: int,
     B, S = len(texts), k * (CHUNK + 2)
     ids = torch.tensor([i for i, _ in laid_out], dtype=torch.long, device=next(encoder.parameters()).device)  # (B, S)
     weights = torch.tensor([w for _, w in laid_out], dtype=torch.float32).view(B * k, CHUNK + 2)
-    out = encoder(ids.view(B * k, CHUNK + 2))
+    ids = ids.view(B * k, CHUNK + 2)
+    splice = getattr(tokenizer, "splice", None)  # textual inversion: loaded vectors as the encoder's inputs_embeds
+    out = encoder(ids) if splice is None else encoder(**splice(encoder, ids))
     n = 1 if clip_skip is None else clip_skip
     if not 1 <= n < len(out.hidden_states):
         raise ValueError(f"clip_skip must be between 1 and {len(out.hidden_states) - 1} (the text encoder's layer "
                          f"count), got {clip_skip}")
     z = apply_emphasis(out.hidden_states[-(n + 1)], weights)  # (B*k, 77, D)
     pooled = getattr(out, "text_embeds", None)
+    if pooled is not None and splice is not None and encoder.config.eos_token_id == 2 \
+            and bool((ids >= PLACEHOLDER).any()):
+        pooled = _pooled_as_diffusers(encoder, out.last_hidden_state, ids)
     pooled = None if pooled is None else pooled.view(B, k, -1)[:, 0]  # (B, P): the first chunk's
     return z.reshape(B, S, z.shape[-1]), pooled
+
+
+def _pooled_as_diffusers(encoder: nn.Module, last: Tensor, ids: Tensor) -> Tensor:
+    """The pooled output (N, P) of ids holding textual inversion placeholders, where diffusers reads it: diffusers
+    gives the loaded vectors new token ids above the vocabulary (in loading order, as our placeholder rows), and
+    transformers' legacy EOS search of the official configs (eos_token_id 2: the position of the highest id) then
+    lands on the last such token, not on the end-of-text token (A1111 reads the latter)."""
+    vocab = encoder.config.vocab_size
+    effective = torch.where(ids >= PLACEHOLDER, vocab + (ids - PLACEHOLDER), ids)  # diffusers' ids
+    return encoder.text_projection(last[torch.arange(len(ids)), effective.argmax(dim=-1)])  # (N, P)
 
 
 def _until(scheduler: Any, timesteps: Tensor, denoising_end: float | None) -> Tensor:

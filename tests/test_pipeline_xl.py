@@ -76,6 +76,33 @@ def test_emphasis_and_long_prompts_on_both_encoders(xl):
     assert torch.allclose(long_pooled, ours.text_encoder_2(first).text_embeds, atol=1e-6)
 
 
+def test_sdxl_textual_inversion_matches_diffusers(tmp_path):
+    """An SDXL embedding file (clip_l (2, 32), clip_g (2, 48) here; 768 and 1280 in SDXL): each encoder reads its
+    own vectors, as diffusers' load_textual_inversion once per encoder gives; unloading restores the plain prompt."""
+    from safetensors.torch import save_file
+
+    ref, _ = reference_pipelines()  # its own: diffusers adds the word to the tokenizers and embedding tables
+    ours = ours_from(ref)
+    g = torch.Generator().manual_seed(0)
+    vectors = {"clip_l": 0.02 * torch.randn(2, 32, generator=g), "clip_g": 0.02 * torch.randn(2, 48, generator=g)}
+    save_file(vectors, tmp_path / "toy.safetensors")
+    plain = ours.encode_prompt(["a photo of toy on a table"])[0]
+    assert ours.load_textual_inversion(tmp_path / "toy.safetensors", token="<toy>") == "<toy>"
+    ref.load_textual_inversion(vectors["clip_l"], token="<toy>", text_encoder=ref.text_encoder,
+                               tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(vectors["clip_g"], token="<toy>", text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    prompt = "a photo of <toy> on a table, <toy>"
+    want = ref.encode_prompt(prompt, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    context, pooled = ours.encode_prompt([prompt])
+    assert rel_err(context, want[0]) <= COMPONENT_TOL and rel_err(pooled, want[2]) <= COMPONENT_TOL
+    with pytest.raises(ValueError, match="already loaded"):  # both halves refused, nothing half-loaded
+        ours.load_textual_inversion(tmp_path / "toy.safetensors", token="<toy>")
+    ours.unload_textual_inversion("<toy>")
+    assert not ours.textual_inversion.embeddings and not ours.textual_inversion_2.embeddings
+    assert torch.equal(ours.encode_prompt(["a photo of toy on a table"])[0], plain)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end
 
