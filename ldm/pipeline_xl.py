@@ -495,7 +495,21 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 self.textual_inversion.remove(word)
 
     def load_lora_weights(self, path: Any, adapter_name: str | None = None, weight: float = 1.0) -> str:
-        raise NotImplementedError("LoRA for SDXL (two text encoders) is not supported yet")
+        """Merge an SDXL LoRA file (kohya `lora_unet_` / `lora_te1_` / `lora_te2_`, or diffusers / PEFT `unet.` /
+        `text_encoder.` / `text_encoder_2.`) into the UNet and both text encoders at `weight`, as the parent's
+        (weights_convert/lora.py). Returns the adapter's name (default: the file stem)."""
+        from pathlib import Path
+
+        from weights_convert.lora import read_lora
+
+        name = Path(path).stem if adapter_name is None else adapter_name
+        adapter = read_lora(path, self.unet, self.text_encoder, self.text_encoder_2)
+        self.lora.add(name, adapter, self._lora_modules(), weight)
+        return name
+
+    def _lora_modules(self) -> dict[str, nn.Module]:
+        modules = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in modules.items() if module is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -103,6 +103,48 @@ def test_sdxl_textual_inversion_matches_diffusers(tmp_path):
     assert torch.equal(ours.encode_prompt(["a photo of toy on a table"])[0], plain)
 
 
+def lora_file(path, pipe, kind: str) -> None:
+    """A kohya (lora_unet_ / lora_te1_ / lora_te2_, with alphas) or PEFT (unet. / text_encoder. / text_encoder_2.)
+    LoRA for the UNet's attention layers and both text encoders' layers, updates ~10% of the weights."""
+    from safetensors.torch import save_file
+
+    g, sd = torch.Generator().manual_seed(1), {}
+    parts = [("unet", pipe.unet, "lora_unet_", 2.0), ("text_encoder", pipe.text_encoder, "lora_te1_", 8.0),
+             ("text_encoder_2", pipe.text_encoder_2, "lora_te2_", 4.0)]
+    for component, model, prefix, alpha in parts:
+        for name, m in model.named_modules():
+            if not isinstance(m, torch.nn.Linear) or not ("attentions" in name or "layers" in name):
+                continue
+            down = torch.randn(4, m.in_features, generator=g) / m.in_features ** 0.5
+            up = 0.1 * torch.randn(m.out_features, 4, generator=g)
+            if kind == "kohya":
+                key = prefix + name.replace(".", "_")
+                sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+            else:
+                sd |= {f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up}
+    save_file(sd, path)
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_sdxl_lora_matches_diffusers_fuse(tmp_path, kind):
+    """A LoRA on the UNet and both text encoders merged at 0.7: the latents of diffusers' SDXL pipeline after
+    load_lora_weights + fuse_lora(lora_scale=0.7); unloading restores the weights bit for bit."""
+    ref, _ = reference_pipelines()  # its own: diffusers wraps the layers
+    ours = ours_from(ref)
+    before = {k: v.clone() for k, v in ours.text_encoder_2.state_dict().items()}
+    lora_file(tmp_path / f"{kind}.safetensors", ours, kind)
+    ref.load_lora_weights(str(tmp_path / f"{kind}.safetensors"), adapter_name="x")
+    ref.fuse_lora(lora_scale=0.7)
+    assert ours.load_lora_weights(tmp_path / f"{kind}.safetensors", weight=0.7) == kind
+    kw = dict(num_inference_steps=2, height=SIZE, width=SIZE, negative_prompt=NEGATIVES[0])
+    want = ref(PROMPTS[0], generator=generators(3, 1), output_type="latent", **kw).images
+    out = ours(PROMPTS[0], seed=3, output_type="latent", **kw)
+    assert rel_err(out.latents, want) <= LATENT_TOL
+    assert any(not torch.equal(v, before[k]) for k, v in ours.text_encoder_2.state_dict().items())
+    ours.unload_lora_weights()
+    assert all(torch.equal(v, before[k]) for k, v in ours.text_encoder_2.state_dict().items())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end
 
