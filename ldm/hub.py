@@ -18,7 +18,8 @@ from pathlib import Path
 
 # The one list of weight-file names: a diffusers folder's component (= subfolder) -> its weights file stem, and the
 # suffixes of single-file checkpoints (weights_convert reads and writes these; the CLI tells files from hub ids).
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}  # text_encoder_2: SDXL's second encoder (the refiner's only one)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
@@ -26,7 +27,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 def needed_patterns(variant: str | None = None) -> list[str]:
     """allow_patterns for snapshot_download: configs, tokenizer, and the safetensors weights of one variant."""
     mid = f".{variant}" if variant else ""
-    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
                 "low_res_scheduler/scheduler_config.json"]  # the x4 upscaler's image-noising schedule
     for sub, stem in WEIGHT_FILES.items():
         patterns += [f"{sub}/config.json", f"{sub}/{stem}{mid}.safetensors",
@@ -40,8 +41,11 @@ def _offline() -> bool:
 
 
 def _has_weights(folder: Path, variant: str | None) -> bool:
+    """Weights for every component the snapshot has a config for (an SD repo has no text_encoder_2/, the SDXL
+    refiner's no text_encoder/)."""
     mid = f".{variant}" if variant else ""
-    return all(any((folder / sub).glob(f"{stem}*{mid}.safetensors")) for sub, stem in WEIGHT_FILES.items())
+    subs = [(sub, stem) for sub, stem in WEIGHT_FILES.items() if (folder / sub / "config.json").is_file()]
+    return bool(subs) and all(any((folder / sub).glob(f"{stem}*{mid}.safetensors")) for sub, stem in subs)
 
 
 def resolve(path_or_id: str | os.PathLike, *, variant: str | None = None, cache_dir: str | os.PathLike | None = None,

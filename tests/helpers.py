@@ -303,3 +303,46 @@ def tiny_x4_manifest(family) -> dict:
     m["schedule_buffer_values_reference"] = load_json(FIXTURES / "x4_upscaler_ldm_keys.json")[
         "schedule_buffer_values_reference"]
     return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny SDXL presets (the official layouts at small sizes) and a diffusers config folder for them: CLIP-L and bigG
+# of different widths (diffusers tells the two encoders of a file apart by width), the first level without
+# attention, transformer depths 1 and 2, bigG's projection narrower than its width (a transposed head shows).
+
+TINY_XL_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TINY_XL_BIGG = CLIPTextConfig(hidden_size=40, intermediate_size=80, num_hidden_layers=3, num_attention_heads=5,
+                              hidden_act="gelu", projection_dim=24)
+TINY_XL_UNET = UNetConfig(block_out_channels=(32, 64, 64), cross_attention_levels=(False, True, True),
+                          num_heads=(2, 2, 4), transformer_layers_per_block=(1, 1, 2), layers_per_block=1,
+                          cross_attention_dim=32 + 40, norm_num_groups=8, use_linear_projection=True,
+                          addition_embed_type="text_time", addition_time_embed_dim=8,
+                          projection_class_embeddings_input_dim=24 + 6 * 8, sample_size=8)
+TINY_XL_BASE = replace(ldm.config.SDXL_BASE, unet=TINY_XL_UNET, vae=replace(TINY_VAE, scaling_factor=0.13025),
+                       text=TINY_XL_CLIP, text_encoder_2=TINY_XL_BIGG)
+TINY_XL_REFINER = replace(ldm.config.SDXL_REFINER, unet=UNetConfig(
+    block_out_channels=(32, 64, 64, 64), cross_attention_levels=(False, True, True, False), num_heads=(2, 2, 4, 4),
+    transformer_layers_per_block=2, layers_per_block=1, cross_attention_dim=40, norm_num_groups=8,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=24 + 5 * 8, sample_size=8), vae=TINY_XL_BASE.vae, text=None,
+    text_encoder_2=TINY_XL_BIGG)
+
+
+def write_xl_configs(preset, folder: Path) -> Path:  # preset: ldm.config.FamilyPreset (SDXL)
+    """A diffusers SDXL folder without weights (configs, scheduler, tokenizers, model_index.json) for a preset:
+    diffusers' from_single_file(config=folder) and create_diffusers_clip_model_from_ldm read it offline."""
+    import shutil
+
+    shipped = DIFFUSERS_CONFIGS / ("sdxl-base" if preset.text is not None else "sdxl-refiner")
+    parts = {"unet": preset.unet.to_diffusers(), "vae": preset.vae.to_diffusers(),
+             "text_encoder_2": preset.text_encoder_2.to_transformers(architecture="CLIPTextModelWithProjection")}
+    if preset.text is not None:
+        parts["text_encoder"] = preset.text.to_transformers()
+    for sub, config in parts.items():
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+    for sub in ("scheduler", "tokenizer", "tokenizer_2"):
+        if (shipped / sub).is_dir():
+            shutil.copytree(shipped / sub, folder / sub, dirs_exist_ok=True)
+    shutil.copyfile(shipped / "model_index.json", folder / "model_index.json")
+    return folder

@@ -101,13 +101,11 @@ def tiny_ldm_manifest(preset) -> dict:  # preset: ldm.config.FamilyPreset
     For tests of the loading machinery at small sizes (errors, EMA, pickle, dtypes); the tables themselves are
     checked against diffusers' converter on the official manifests.
     """
-    from weights_convert.checkpoint import SCHEDULE_BUFFERS, Layout, checkpoint_rules
-    from weights_convert.clip_rules import SD1_PREFIX, SD2_PREFIX
-    from weights_convert.load import _empty_model, _expected
+    from weights_convert.checkpoint import SCHEDULE_BUFFERS, checkpoint_rules, official_layout
+    from weights_convert.load import _empty_model, _expected, model_components
 
-    generation = 2 if preset.text.hidden_act == "gelu" else 1
-    layout = Layout(generation, preset.unet.in_channels == 9, SD2_PREFIX if generation == 2 else SD1_PREFIX, False)
-    expected = {c: _expected(_empty_model(c, preset)) for c in ("unet", "vae", "text_encoder")}
+    layout = official_layout(preset)  # SDXL presets: the base's or the refiner's layout
+    expected = {c: _expected(_empty_model(c, preset)) for c in model_components(preset)}
     keys: dict[str, dict] = {}
     suffix_shape: dict[str, list[int]] = {}
     for rule in checkpoint_rules(preset, layout):
@@ -118,19 +116,23 @@ def tiny_ldm_manifest(preset) -> dict:  # preset: ldm.config.FamilyPreset
             shape = [3 * shapes[0][0], *shapes[0][1:]]
         elif rule.transform == "conv1x1_to_linear":
             shape = [*shapes[0], 1, 1]
+        elif rule.transform == "transpose":
+            shape = list(shapes[0])[::-1]
         else:
             shape = list(shapes[0])
         keys[rule.source] = {"shape": shape, "dtype": "float32"}
         suffix_shape[rule.source.split("resblocks.0.")[-1]] = shape
-    d = preset.text.hidden_size
+    xl = layout.generation == 3
     for rule in checkpoint_rules(preset, layout):
         if not rule.dropped or rule.source.startswith("model_ema.diffusion") or rule.source == "lvlb_weights":
             continue
         name = rule.source
+        if xl and (name in SCHEDULE_BUFFERS or name == "denoiser.sigmas"):
+            continue  # not in the official SDXL files
         if "resblocks." in name:  # OpenCLIP's last layer: the shapes of layer 0
             shape = suffix_shape[name.split(f"resblocks.{preset.text.num_hidden_layers}.")[-1]]
         elif name.endswith("text_projection"):
-            shape = [d, d]
+            shape = [preset.text.hidden_size] * 2
         elif name.endswith("position_ids"):
             keys[name] = {"shape": [1, preset.text.max_position_embeddings], "dtype": "int64"}
             continue

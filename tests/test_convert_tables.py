@@ -27,10 +27,12 @@ single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
 MANIFESTS = {"sd15": "sd15", "sd21-base": "sd21base", "sd21-v": "sd21v", "sd15-inpaint": "sd15_inpaint",
              "sd2-inpaint": "sd2_inpaint"}
+XL_MANIFESTS = {"sdxl-base": "sdxl_base", "sdxl-refiner": "sdxl_refiner"}  # SDXL 1.0 (own tests below)
 
 
 def manifest_checkpoint(family: str) -> dict[str, torch.Tensor]:
-    keys = json.loads((FIXTURES / f"{MANIFESTS[family]}_ldm_keys.json").read_text())["keys"]
+    name = MANIFESTS[family] if family in MANIFESTS else XL_MANIFESTS[family]
+    keys = json.loads((FIXTURES / f"{name}_ldm_keys.json").read_text())["keys"]
     out = {}
     for i, (name, entry) in enumerate(sorted(keys.items())):
         dtype = getattr(torch, entry["dtype"])
@@ -133,3 +135,31 @@ def test_transforms_shapes_and_inverse(name: str, shape: tuple[int, ...]) -> Non
     assert all(o.data_ptr() >= x.data_ptr() and o.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
                for o in outs), "transforms are views: no copy"
     assert target_shapes("conv1x1_to_linear", (8, 4, 3, 3)) is None and target_shapes("split_qkv", (10, 4)) is None
+
+
+@pytest.mark.parametrize("family", list(XL_MANIFESTS))
+def test_sdxl_tables_match_diffusers_converter(family: str) -> None:
+    """The SDXL 1.0 files (every official key and shape): our tables against diffusers' converter, part by part."""
+    ckpt = manifest_checkpoint(family)
+    layout = detect_layout(set(ckpt), {k: tuple(v.shape) for k, v in ckpt.items()}, family)
+    assert layout.candidates == (family,) and layout.generation == 3
+    preset = FAMILIES[family]
+    unet_cfg = {"layers_per_block": preset.unet.layers_per_block, "addition_embed_type": "text_time"}
+    vae_cfg = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+    ref = {"unet": single_file_utils.convert_ldm_unet_checkpoint(ckpt, unet_cfg),
+           "vae": single_file_utils.convert_ldm_vae_checkpoint(ckpt, vae_cfg)}
+    if preset.text is not None:
+        ref["text_encoder"] = single_file_utils.convert_ldm_clip_checkpoint(ckpt)
+        ref["text_encoder"].pop("text_model.embeddings.position_ids")  # a buffer; transformers 5 rebuilds it
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=preset.text_encoder_2.hidden_size))
+    ref["text_encoder_2"] = single_file_utils.convert_open_clip_checkpoint(fake, ckpt, prefix=layout.clip2_prefix)
+    rules = checkpoint_rules(preset, layout)
+    expected = {c: {k: tuple(v.shape) for k, v in sd.items()} for c, sd in ref.items()}
+    verify(rules, DictSource(ckpt, family), expected)  # complete, and every shape as diffusers makes it
+    ours = convert_state_dict(rules, DictSource(ckpt, family))
+    assert set(ours) == set(ref)
+    for component, ref_sd in ref.items():
+        assert set(ours[component]) == set(ref_sd), component
+        for key, ref_t in ref_sd.items():
+            assert same(ours[component][key], ref_t), f"{component} {key}: comes from another source key"
+    assert len(ref["text_encoder_2"]) == 2 + 32 * 16 + 2 + 1  # every bigG layer kept, with its projection head

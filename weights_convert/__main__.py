@@ -21,8 +21,7 @@ import torch
 
 from ldm.config import FAMILIES
 
-from weights_convert.checkpoint import Layout, checkpoint_rules, detect_layout
-from weights_convert.clip_rules import SD1_PREFIX, SD2_PREFIX
+from weights_convert.checkpoint import checkpoint_rules, detect_layout, official_layout
 from weights_convert.rules import Rule
 from weights_convert.safetensors_file import CheckpointError
 
@@ -32,10 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def family_rules(name: str) -> list[Rule]:
     """The complete table of a family's official single file (a pruned file: no EMA copies)."""
     preset = FAMILIES[name]
-    gen = 2 if preset.text.hidden_act == "gelu" else 1
-    upscaler = preset.unet.num_class_embeds is not None  # the x4 upscaler: its low_scale_model buffers too
-    return checkpoint_rules(preset, Layout(gen, preset.unet.in_channels == 9, SD2_PREFIX if gen == 2 else SD1_PREFIX,
-                                           False, upscaler))
+    return checkpoint_rules(preset, official_layout(preset))
 
 
 def format_table(rules: list[Rule], markdown: bool = False) -> str:
@@ -84,6 +80,8 @@ def blocks_markdown(family: str) -> str:
     names = {}
     for module in (unet_rules, vae_rules, clip_rules):
         names.update({id(v): k for k, v in vars(module).items() if isinstance(v, tuple) and k.isupper()})
+    names.update({id(unet_rules.transformer(d)): f"TRANSFORMER x {d} blocks"
+                  for d in preset.unet.transformer_layers_per_block if d > 1})  # SDXL's deeper transformers
     out = [f"## {family}", ""]
     for title, prefix, blocks in (("UNet", unet_rules.PREFIX, unet_rules.unet_blocks(preset.unet)),
                                   ("VAE", vae_rules.PREFIX, vae_rules.vae_blocks(preset.vae))):
@@ -137,6 +135,8 @@ def inspect(path: Path, allow_pickle: bool) -> str:
         out.append("layout: diffusers folder")
         for component, stem in WEIGHT_FILES.items():
             sub = component
+            if component == "text_encoder_2" and not (path / sub).is_dir():
+                continue  # SDXL's second encoder; other families have none
             try:
                 src = folder_weights(path / sub, stem, None, allow_pickle)
             except CheckpointError as e:

@@ -15,6 +15,10 @@ Detection uses keys and shapes only:
 - SD 2.x 512 epsilon vs 768 v-prediction: identical keys and shapes, so it needs `family=`, a sidecar config
   (`<file>.yaml`, the original inference config with `parameterization: "v"` for v-prediction), or the default
   "sd21-v" with a warning (as diffusers assumes).
+- SDXL (Stability `generative-models` DiffusionEngine): text encoders under `conditioner.embedders.*`. The base
+  holds CLIP ViT-L at `conditioner.embedders.0.transformer.text_model.` and OpenCLIP bigG at
+  `conditioner.embedders.1.model.`; the refiner only bigG, at `conditioner.embedders.0.model.` (diffusers calls
+  them `xl_base` and `xl_refiner`). No noise-schedule buffers; some files carry the denoiser's `denoiser.sigmas`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 from ldm.config import FAMILIES, FamilyPreset
 from ldm.config import family as preset_named
 
-from weights_convert.clip_rules import SD1_LEGACY_PREFIX, SD1_PREFIX, SD2_PREFIX, clip_rules, openclip_rules
+from weights_convert.clip_rules import (SD1_LEGACY_PREFIX, SD1_PREFIX, SD2_PREFIX, XL_BIGG_PREFIX, XL_CLIP_PREFIX,
+                                        XL_REFINER_BIGG_PREFIX, clip_rules, openclip_rules)
 from weights_convert.rules import Rule, drop
 from weights_convert.safetensors_file import CheckpointError
 from weights_convert.unet_rules import PREFIX as UNET_PREFIX
@@ -45,6 +50,7 @@ LOW_SCALE_BUFFERS = tuple(f"low_scale_model.{name}" for name in SCHEDULE_BUFFERS
 EMA_PREFIX = "model_ema."
 FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
 CLASS_EMBEDDING = UNET_PREFIX + "label_emb.weight"
+XL_EMBEDDERS = "conditioner.embedders."
 
 
 def ema_key(unet_key: str) -> str:
@@ -59,28 +65,65 @@ def ema_key(unet_key: str) -> str:
 class Layout:
     """What a single file holds, read from its keys and shapes."""
 
-    generation: int  # 1 (CLIP ViT-L text encoder) or 2 (OpenCLIP ViT-H)
+    generation: int  # 1 (CLIP ViT-L text encoder), 2 (OpenCLIP ViT-H) or 3 (SDXL: CLIP ViT-L and/or OpenCLIP bigG)
     inpainting: bool
-    clip_prefix: str  # where the text encoder's keys live
+    clip_prefix: str  # where the (first) text encoder's keys live; "" for the SDXL refiner, which has none
     has_ema: bool  # a full (non-pruned) file: `model_ema.*` copies of the UNet next to the regular weights
     upscaler: bool = False  # the SD x4 upscaler: 7 input channels and a class (noise level) embedding
+    clip2_prefix: str = ""  # SDXL: where OpenCLIP bigG's keys (text_encoder_2) live
 
     @property
     def candidates(self) -> tuple[str, ...]:
         """The family names these keys are consistent with."""
         if self.upscaler:
             return ("x4-upscaler",)
+        if self.generation == 3:
+            return ("sdxl-base",) if self.clip_prefix else ("sdxl-refiner",)
         if self.generation == 1:
             return ("sd15-inpaint",) if self.inpainting else ("sd15",)
         return ("sd2-inpaint",) if self.inpainting else ("sd21-v", "sd21-base")
 
 
+def official_layout(preset: FamilyPreset) -> Layout:
+    """The layout of a family's official single file (pruned: no EMA copies)."""
+    if preset.text_encoder_2 is not None:  # SDXL: the base's two encoders, or the refiner's bigG alone
+        base = preset.text is not None
+        return Layout(3, False, XL_CLIP_PREFIX if base else "", False,
+                      clip2_prefix=XL_BIGG_PREFIX if base else XL_REFINER_BIGG_PREFIX)
+    gen = 2 if preset.text.hidden_act == "gelu" else 1
+    return Layout(gen, preset.unet.in_channels == 9, SD2_PREFIX if gen == 2 else SD1_PREFIX, False,
+                  preset.unet.num_class_embeds is not None)  # the x4 upscaler: its low_scale_model buffers too
+
+
+def _detect_xl(keys: set[str], shape_of: dict[str, tuple[int, ...]], path: Path | str) -> Layout:
+    """SDXL base (CLIP-L + bigG) or refiner (bigG alone), from where its text encoders' keys live."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has(XL_CLIP_PREFIX) and has(XL_BIGG_PREFIX):
+        clip_prefix, clip2_prefix = XL_CLIP_PREFIX, XL_BIGG_PREFIX
+    elif has(XL_REFINER_BIGG_PREFIX) and not has(XL_EMBEDDERS + "1."):
+        clip_prefix, clip2_prefix = "", XL_REFINER_BIGG_PREFIX
+    else:
+        found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith(XL_EMBEDDERS)})
+        raise CheckpointError(f"{path}: an SDXL-style checkpoint ({XL_EMBEDDERS!r} keys), but no text encoder under "
+                              f"{XL_CLIP_PREFIX!r} and {XL_BIGG_PREFIX!r} (SDXL base) or under "
+                              f"{XL_REFINER_BIGG_PREFIX!r} alone (SDXL refiner); found {', '.join(found)}")
+    channels = shape_of[FIRST_CONV][1] if len(shape_of[FIRST_CONV]) == 4 else None
+    if channels != 4:
+        raise CheckpointError(f"{path}: {FIRST_CONV!r} has shape {list(shape_of[FIRST_CONV])}; the SDXL base and "
+                              f"refiner UNets take 4 channels (SDXL inpainting is not supported)")
+    return Layout(3, False, clip_prefix, ema_key(FIRST_CONV) in keys, clip2_prefix=clip2_prefix)
+
+
 def detect_layout(keys: set[str], shape_of: dict[str, tuple[int, ...]], path: Path | str) -> Layout:
-    """Tell SD 1.x from SD 2.x and plain from inpainting; raise CheckpointError for anything else."""
+    """Tell SD 1.x from SD 2.x from SDXL and plain from inpainting; raise CheckpointError for anything else."""
     if FIRST_CONV not in keys:
         sample = ", ".join(sorted(keys)[:3])
-        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x single-file checkpoint (no {FIRST_CONV!r}; "
-                              f"first keys: {sample})")
+        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x single-file checkpoint, nor SDXL (no "
+                              f"{FIRST_CONV!r}; first keys: {sample})")
+    if any(k.startswith(XL_EMBEDDERS) for k in keys):
+        return _detect_xl(keys, shape_of, path)
     if any(k.startswith(SD2_PREFIX) for k in keys):
         generation, clip_prefix = 2, SD2_PREFIX
     elif any(k.startswith(SD1_PREFIX) for k in keys):
@@ -151,7 +194,13 @@ def checkpoint_rules(preset: FamilyPreset, layout: Layout, ema: bool = False) ->
         if layout.has_ema:
             rules += [drop(ema_key(r.source), "EMA copy of a UNet weight; loaded with ema=True") for r in unet]
     rules += vae_rules(preset.vae)
-    if layout.generation == 1:
+    if layout.generation == 3:  # SDXL: CLIP-L (the base only) and bigG with its projection head
+        if layout.clip_prefix:
+            rules += clip_rules(preset.text, layout.clip_prefix)
+        rules += openclip_rules(preset.text_encoder_2, layout.clip2_prefix, "text_encoder_2", projection=True)
+        rules.append(drop("denoiser.sigmas", "the EDM denoiser's sigma table; the scheduler recomputes it",
+                          optional=True))
+    elif layout.generation == 1:
         rules += clip_rules(preset.text, layout.clip_prefix)
     else:
         rules += openclip_rules(preset.text, layout.clip_prefix)

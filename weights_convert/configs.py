@@ -56,6 +56,7 @@ _COUNTED = {
             ("layers_per_block", r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")],
     "text_encoder": [("num_hidden_layers", r"encoder\.layers\.(\d+)\.")],
 }
+_COUNTED["text_encoder_2"] = _COUNTED["text_encoder"]  # SDXL's bigG: the same keys, plus text_projection
 
 
 # Where a config's sizes show in the weights' shapes: component -> [(field, entry or None, key, dim)].
@@ -73,6 +74,7 @@ _SIZED = {
                      ("max_position_embeddings", None, "embeddings.position_embedding.weight", 0),
                      ("intermediate_size", None, "encoder.layers.0.mlp.fc1.weight", 0)],
 }
+_SIZED["text_encoder_2"] = _SIZED["text_encoder"] + [("projection_dim", None, "text_projection.weight", 0)]
 
 
 def check_counts(component: str, config: Any, source: Source, where: Path) -> None:
@@ -82,13 +84,16 @@ def check_counts(component: str, config: Any, source: Source, where: Path) -> No
     Every other size is then checked by `verify` against a model built on the meta device, before any memory is
     allocated for it."""
     keys = source.keys()
-    prefix = "text_model." if component == "text_encoder" and any(k.startswith("text_model.") for k in keys) else ""
+    text = component in ("text_encoder", "text_encoder_2")
+    prefix = "text_model." if text and any(k.startswith("text_model.") for k in keys) else ""
     for name, entry, key, dim in _SIZED[component]:
         value = getattr(config, name) if entry is None else getattr(config, name)[entry]
-        shape = source.shape(prefix + key) if prefix + key in keys else None
+        # (the projection head, text_projection, sits beside text_model in every layout)
+        full = key if key.startswith("text_projection") else prefix + key
+        shape = source.shape(full) if full in keys else None
         if shape is not None and (len(shape) <= dim or shape[dim] != value):
-            raise CheckpointError(f"{source.path}: shape mismatch for {prefix + key!r} -> {component} "
-                                  f"{prefix + key!r}: the file has {list(shape)}, the config {where} says {name} = "
+            raise CheckpointError(f"{source.path}: shape mismatch for {full!r} -> {component} "
+                                  f"{full!r}: the file has {list(shape)}, the config {where} says {name} = "
                                   f"{getattr(config, name)!r:.80}")
     for name, pattern in _COUNTED[component]:
         value = getattr(config, name)

@@ -3,7 +3,8 @@
     export_diffusers(parts, out_dir, dtype=None, variant=None)
 
 Writes `model_index.json`, `unet/`, `vae/`, `text_encoder/` (config.json + safetensors weights, the `variant`
-file name when given, e.g. `model.fp16.safetensors`), `scheduler/scheduler_config.json` and `tokenizer/`. Our
+file name when given, e.g. `model.fp16.safetensors`), `scheduler/scheduler_config.json` and `tokenizer/`; for SDXL
+also `text_encoder_2/` and `tokenizer_2/` (the refiner: those without `text_encoder/` and `tokenizer/`). Our
 state-dict keys are diffusers' (UNet, VAE) and the official text_encoder/model.safetensors layout (`text_model.`),
 so the weights need no mapping; the configs are written from our frozen config dataclasses. Each file is streamed
 one tensor at a time, into a folder renamed into place when complete.
@@ -72,7 +73,9 @@ def export_diffusers(parts: Components | Any, out_dir: str | Path, dtype: torch.
     a loader would find it. An existing non-empty `out_dir` is an error unless `replace=True`.
     """
     out = Path(out_dir)
-    _check_tokenizer(parts.tokenizer)
+    for tokenizer in (parts.tokenizer, getattr(parts, "tokenizer_2", None)):
+        if tokenizer is not None:
+            _check_tokenizer(tokenizer)
     if out.exists() and any(out.iterdir()) and not replace:
         raise FileExistsError(f"{out}: exists and is not empty; export writes a fresh folder")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -95,13 +98,19 @@ def _write_folder(parts: Any, out: Path, dtype: torch.dtype | None, variant: str
     _write_weights(parts.unet, out / "unet" / f"{WEIGHT_FILES['unet']}{mid}.safetensors", dtype)
     _write_json(out / "vae" / "config.json", parts.family.vae.to_diffusers())
     _write_weights(parts.vae, out / "vae" / f"{WEIGHT_FILES['vae']}{mid}.safetensors", dtype)
-    _write_json(out / "text_encoder" / "config.json", parts.family.text.to_transformers(
-        str(weights_dtype).removeprefix("torch.")))
-    _write_weights(parts.text_encoder, out / "text_encoder" / f"{WEIGHT_FILES['text_encoder']}{mid}.safetensors", dtype)
+    torch_dtype = str(weights_dtype).removeprefix("torch.")
+    encoders = [("text_encoder", parts.text_encoder, parts.family.text, "CLIPTextModel", parts.tokenizer, "tokenizer"),
+                ("text_encoder_2", getattr(parts, "text_encoder_2", None), parts.family.text_encoder_2,
+                 "CLIPTextModelWithProjection", getattr(parts, "tokenizer_2", None), "tokenizer_2")]
+    for sub, model, config, architecture, tokenizer, tokenizer_sub in encoders:
+        if model is None:  # the SDXL refiner has no first encoder; SD 1.x / 2.x no second
+            continue
+        _write_json(out / sub / "config.json", config.to_transformers(torch_dtype, architecture))
+        _write_weights(model, out / sub / f"{WEIGHT_FILES[sub]}{mid}.safetensors", dtype)
+        _tokenizer(tokenizer, out / tokenizer_sub)
     scheduler = {k: v for k, v in dict(parts.scheduler.config).items() if k != "_use_default_values"}
     scheduler.setdefault("_class_name", type(parts.scheduler).__name__)
     _write_json(out / "scheduler" / "scheduler_config.json", scheduler)
-    _tokenizer(parts.tokenizer, out / "tokenizer")
     index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -111,7 +120,26 @@ def _write_folder(parts: Any, out: Path, dtype: torch.dtype | None, variant: str
     if parts.family.name == "x4-upscaler":
         del index["requires_safety_checker"]  # not an argument of diffusers' StableDiffusionUpscalePipeline
         index.update(_upscaler_folder(parts, out))
+    if getattr(parts, "text_encoder_2", None) is not None:
+        index = _xl_index(parts, scheduler["_class_name"])
     _write_json(out / "model_index.json", index)
+
+
+def _xl_index(parts: Any, scheduler_class: str) -> dict[str, Any]:
+    """SDXL's model_index.json, as the official base and refiner repos write it."""
+    base = parts.text_encoder is not None
+    zeros = getattr(parts, "force_zeros_for_empty_prompt", None)
+    index = {"_class_name": "StableDiffusionXLPipeline" if base else "StableDiffusionXLImg2ImgPipeline",
+             "_diffusers_version": DIFFUSERS_VERSION, "force_zeros_for_empty_prompt": base if zeros is None else zeros,
+             "scheduler": ["diffusers", scheduler_class], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"] if base else [None, None],
+             "tokenizer": ["transformers", "CLIPTokenizer"] if base else [None, None],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    if not base:
+        index["requires_aesthetics_score"] = True
+    return index
 
 
 def _upscaler_folder(parts: Any, out: Path) -> dict[str, Any]:

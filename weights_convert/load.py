@@ -1,7 +1,9 @@
 """Loading: a single file, a diffusers folder or a hub id -> our models, through the tables, cheaply and strictly.
 
-    load_components(path_or_id, ...) -> Components(unet, vae, text_encoder, tokenizer, scheduler, family)
-    load_pipeline(path_or_id, ...)   -> ldm.StableDiffusionPipeline of those parts
+    load_components(path_or_id, ...) -> Components(unet, vae, text_encoder, tokenizer, scheduler, family,
+                                                   text_encoder_2, tokenizer_2)   (the last two: SDXL only)
+    load_pipeline(path_or_id, ...)   -> ldm.StableDiffusionPipeline of those parts (the x4 upscaler's and SDXL's
+                                        pipeline classes for those models, as diffusers picks them)
 
 The cheap path: the file is memory-mapped and verified from its header (keys, shapes) before any data is read;
 each model is built with its parameters on the meta device (no memory, no random init), then filled with
@@ -38,15 +40,24 @@ from weights_convert.vae_rules import PREFIX as VAE_PREFIX
 from weights_convert.vae_rules import vae_rules
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+XL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # SDXL's parts (the refiner lacks text_encoder)
+
+
+def model_components(preset: FamilyPreset) -> tuple[str, ...]:
+    """The model components a family has: unet, vae, and its text encoders (SDXL base: two; the refiner: only the
+    second)."""
+    return tuple(c for c in XL_COMPONENTS if (c != "text_encoder" or preset.text is not None)
+                 and (c != "text_encoder_2" or preset.text_encoder_2 is not None))
 
 
 @dataclass
 class Components:
-    """The loaded parts of a model, ready for `ldm.StableDiffusionPipeline(**parts.pipeline_kwargs())`."""
+    """The loaded parts of a model, ready for `ldm.StableDiffusionPipeline(**parts.pipeline_kwargs())` (SDXL:
+    ldm.StableDiffusionXLPipeline)."""
 
     unet: nn.Module
     vae: nn.Module
-    text_encoder: nn.Module
+    text_encoder: nn.Module | None  # None for the SDXL refiner
     tokenizer: Any
     scheduler: Any
     family: FamilyPreset
@@ -54,10 +65,20 @@ class Components:
     # The x4 upscaler's extras (diffusers' model_index.json `max_noise_level`, `low_res_scheduler/`); None elsewhere.
     max_noise_level: int | None = None
     low_res_scheduler: dict[str, Any] | None = None
+    # SDXL's second text encoder (OpenCLIP bigG, a CLIPTextModelWithProjection) and its tokenizer; None elsewhere.
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Any = None
+    # A diffusers SDXL folder's model_index.json flag (empty negative prompt -> zero embeddings); None: not stated.
+    force_zeros_for_empty_prompt: bool | None = None
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
-                "scheduler": self.scheduler, "family": self.family}
+        kw = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+              "scheduler": self.scheduler, "family": self.family}
+        if self.text_encoder_2 is not None:  # SDXL: StableDiffusionXLPipeline's extra parts
+            kw |= {"text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
+            if self.force_zeros_for_empty_prompt is not None:
+                kw["force_zeros_for_empty_prompt"] = self.force_zeros_for_empty_prompt
+        return kw
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +159,7 @@ def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> Source:
 
 
 def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
-    from ldm.clip import CLIPTextModel
+    from ldm.clip import CLIPTextModel, CLIPTextModelWithProjection
     from ldm.unet import UNet2DConditionModel
     from ldm.vae import AutoencoderKL
 
@@ -149,6 +170,8 @@ def _empty_model(component: str, preset: FamilyPreset) -> nn.Module:
             return UNet2DConditionModel(preset.unet)
         if component == "vae":
             return AutoencoderKL(preset.vae)
+        if component == "text_encoder_2":
+            return CLIPTextModelWithProjection(preset.text_encoder_2)
         return CLIPTextModel(preset.text)
 
 
@@ -203,10 +226,10 @@ def _scheduler(config: dict[str, Any], where: str | Path = "scheduler config") -
         raise CheckpointError(f"{where}: {type(e).__name__}: {e}") from None
 
 
-def _tokenizer_packaged(preset: FamilyPreset) -> Any:
+def _tokenizer_packaged(pad_token: str | None) -> Any:
     from ldm.tokenizer import CLIPTokenizer
 
-    return CLIPTokenizer.packaged(preset.pad_token)
+    return None if pad_token is None else CLIPTokenizer.packaged(pad_token)
 
 
 def _single_file(path: Path, family: str | FamilyPreset | None, dtype: torch.dtype | None,
@@ -216,12 +239,14 @@ def _single_file(path: Path, family: str | FamilyPreset | None, dtype: torch.dty
     layout = detect_layout(set(shapes), shapes, path)
     preset = resolve_family(layout, family, path)
     rules = checkpoint_rules(preset, layout, ema=ema)
-    wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
+    wanted = [c for c in model_components(preset) if not (skip_vae and c == "vae")]
     models = {c: _empty_model(c, preset) for c in wanted}
     verify(rules, source, {c: _expected(m) for c, m in models.items()}, what=f"{preset.name} checkpoint")
     loaded = {c: _fill(m, rules, source, c, dtype, device) for c, m in models.items()}
-    return Components(loaded["unet"], loaded.get("vae"), loaded["text_encoder"], _tokenizer_packaged(preset),
-                      _scheduler(preset.scheduler), preset, path)
+    return Components(loaded["unet"], loaded.get("vae"), loaded.get("text_encoder"),
+                      _tokenizer_packaged(preset.pad_token if preset.text is not None else None),
+                      _scheduler(preset.scheduler), preset, path, text_encoder_2=loaded.get("text_encoder_2"),
+                      tokenizer_2=_tokenizer_packaged(preset.pad_token_2))
 
 
 def folder_weights(sub: Path, stem: str, variant: str | None, allow_pickle: bool) -> Source:
@@ -274,20 +299,30 @@ def folder_rules(component: str, expected: dict[str, tuple[int, ...]], source: S
     (transformers 5.x saves CLIPTextModel without the `text_model.` prefix; old files carry `position_ids`; old
     diffusers VAEs name their attention projections `query/key/value/proj_attn`)."""
     keys = set(source.keys())
-    prefixed = component != "text_encoder" or any(k.startswith("text_model.") for k in keys)
+    text = component in ("text_encoder", "text_encoder_2")
+    prefixed = not text or any(k.startswith("text_model.") for k in keys)
     if component == "vae":
         return [Rule(_old_vae_key(k, keys), (k,), component) for k in expected]
+    # (text_projection.weight, SDXL's second encoder's head, has no prefix in either layout)
     rules = [Rule(k if prefixed else k.removeprefix("text_model."), (k,), component) for k in expected]
-    if component == "text_encoder":
+    if text:
         rules.append(drop(f"{'text_model.' if prefixed else ''}embeddings.position_ids", "a buffer", optional=True))
     return rules
 
 
-def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig, scheduler: dict[str, Any],
-                   family: str | FamilyPreset | None) -> str:
-    generation = 2 if text.hidden_act == "gelu" else 1
+def _folder_family(folder: Path, unet: UNetConfig, text: CLIPTextConfig | None, scheduler: dict[str, Any],
+                   family: str | FamilyPreset | None, xl: bool = False) -> str:
+    generation = 2 if text is not None and text.hidden_act == "gelu" else 1
     inpainting = unet.in_channels == 9
-    if unet.num_class_embeds is not None and unet.in_channels == 7:
+    if xl:  # a text_encoder_2/ folder: SDXL, whose UNet must take the micro-conditioning
+        if unet.addition_embed_type != "text_time" or inpainting:
+            raise CheckpointError(f"{folder}: a text_encoder_2/ folder (SDXL), but unet/config.json is not an SDXL "
+                                  f"base or refiner UNet (addition_embed_type 'text_time', 4 input channels)")
+        name = "sdxl-base" if text is not None else "sdxl-refiner"
+    elif unet.addition_embed_type is not None:
+        raise CheckpointError(f"{folder}: unet/config.json has addition_embed_type {unet.addition_embed_type!r} "
+                              f"(SDXL), but the folder has no text_encoder_2/")
+    elif unet.num_class_embeds is not None and unet.in_channels == 7:
         name = "x4-upscaler"
     elif generation == 1:
         name = "sd15-inpaint" if inpainting else "sd15"
@@ -307,26 +342,35 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
             variant: str | None, allow_pickle: bool, skip_vae: bool) -> Components:
     if not any(folder.iterdir()):
         raise CheckpointError(f"{folder}: an empty folder (expected a diffusers model folder or a weights file)")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    xl = (folder / "text_encoder_2").is_dir()  # SDXL; its refiner has no text_encoder/ and tokenizer/
+    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if xl:
+        parts = ["unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"] + \
+                (["text_encoder", "tokenizer"] if (folder / "text_encoder").is_dir() else [])
+    for part in parts:
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no {part}/ subfolder)")
     unet_cfg = read_config(folder / "unet" / "config.json", UNetConfig.from_diffusers)
     vae_cfg = read_config(folder / "vae" / "config.json", VAEConfig.from_diffusers)
-    text_cfg = read_config(folder / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
+    configs = {"unet": unet_cfg, "vae": vae_cfg}
+    for c in ("text_encoder", "text_encoder_2"):
+        if c in parts:
+            configs[c] = read_config(folder / c / "config.json", CLIPTextConfig.from_transformers)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched_cfg = read_json(sched_path)
     scheduler = _scheduler(sched_cfg, sched_path)  # a bad scheduler config is found before any weights are read
-    tokenizer = _tokenizer_dir(folder / "tokenizer")
-    name = _folder_family(folder, unet_cfg, text_cfg, sched_cfg, family)
+    tokenizers = {t: _tokenizer_dir(folder / t) for t in ("tokenizer", "tokenizer_2") if t in parts}
+    name = _folder_family(folder, unet_cfg, configs.get("text_encoder"), sched_cfg, family, xl)
     # The default image size is diffusers' rule: the UNet's training latent size times the VAE's factor
-    # (64 x 8 = 512 for SD 1.5, 96 x 8 = 768 for SD 2.1-v; 16 x 4 = 64 for the packaged shapes model).
+    # (64 x 8 = 512 for SD 1.5, 96 x 8 = 768 for SD 2.1-v, 128 x 8 = 1024 for SDXL; 16 x 4 = 64 for the packaged
+    # shapes model).
     native = FAMILIES[name].native_size if unet_cfg.sample_size is None else \
         unet_cfg.sample_size * vae_cfg.downsample_factor
-    preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=text_cfg, native_size=native,
+    preset = replace(FAMILIES[name], unet=unet_cfg, vae=vae_cfg, text=configs.get("text_encoder"),
+                     text_encoder_2=configs.get("text_encoder_2"), native_size=native,
                      prediction_type=sched_cfg.get("prediction_type", "epsilon"),
                      scheduler_class=sched_cfg.get("_class_name", FAMILIES[name].scheduler_class))
-    wanted = [c for c in COMPONENTS if not (skip_vae and c == "vae")]
-    configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg}
+    wanted = [c for c in model_components(preset) if not (skip_vae and c == "vae")]
     sources: dict[str, Source] = {}
     for c in wanted:  # the configs' counts against the files, before any model is built
         sources[c] = folder_weights(folder / c, WEIGHT_FILES[c], variant, allow_pickle)
@@ -336,10 +380,23 @@ def _folder(folder: Path, family: str | FamilyPreset | None, dtype: torch.dtype 
     for c, model in models.items():  # verify every component before filling any
         rules[c] = folder_rules(c, _expected(model), sources[c])
         verify(rules[c], sources[c], {c: _expected(model)}, what=f"diffusers {c}")
-    extras = _upscaler_extras(folder) if name == "x4-upscaler" else {}
+    extras = _upscaler_extras(folder) if name == "x4-upscaler" else _xl_extras(folder) if xl else {}
     filled = {c: _fill(m, rules[c], sources[c], c, dtype, device) for c, m in models.items()}
-    return Components(filled["unet"], filled.get("vae"), filled["text_encoder"], tokenizer, scheduler, preset,
-                      folder, **extras)
+    return Components(filled["unet"], filled.get("vae"), filled.get("text_encoder"), tokenizers.get("tokenizer"),
+                      scheduler, preset, folder, text_encoder_2=filled.get("text_encoder_2"),
+                      tokenizer_2=tokenizers.get("tokenizer_2"), **extras)
+
+
+def _xl_extras(folder: Path) -> dict[str, Any]:
+    """An SDXL folder's model_index.json `force_zeros_for_empty_prompt` (true for the base, false for the refiner),
+    when the folder has a model_index.json that states it."""
+    if not (folder / "model_index.json").is_file():
+        return {}
+    flag = read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt")
+    if flag is not None and not isinstance(flag, bool):
+        raise CheckpointError(f"{folder / 'model_index.json'}: force_zeros_for_empty_prompt must be true or false, "
+                              f"got {flag!r:.80}")
+    return {} if flag is None else {"force_zeros_for_empty_prompt": flag}
 
 
 def _tokenizer_dir(folder: Path) -> Any:
@@ -406,6 +463,17 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
 # Entry points
 
 
+def _xl_pipeline_class() -> type:
+    """ldm.pipeline_xl.StableDiffusionXLPipeline, or NotImplementedError where this build lacks it."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("ldm.pipeline_xl") is None:
+        raise NotImplementedError("an SDXL model: this build has no ldm.pipeline_xl.StableDiffusionXLPipeline; "
+                                  "weights_convert.load.load_components(...) loads its parts")
+    return importlib.import_module("ldm.pipeline_xl").StableDiffusionXLPipeline
+
+
 def _check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None (the file's own), "
@@ -469,6 +537,10 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
         raise TypeError(f"optimize must be a bool, got {type(optimize).__name__}")
     parts = load_components(path_or_hub_id, dtype=dtype, device=device, family=family, vae=vae, ema=ema,
                             allow_pickle=allow_pickle, variant=variant)
+    if parts.text_encoder_2 is not None:  # SDXL base or refiner: diffusers' StableDiffusionXLPipeline
+        if controlnet is not None:
+            raise ValueError("controlnet: SDXL ControlNets are not supported (ControlNet here is for SD 1.x / 2.x)")
+        return _xl_pipeline_class()(**parts.pipeline_kwargs(), optimize=optimize)
     if parts.family.name == "x4-upscaler":  # the pipeline class that fits the checkpoint, as diffusers picks it
         if controlnet is not None:
             raise ValueError("controlnet: the x4 upscaler takes no ControlNet (they are made for SD 1.x / 2.x UNets)")

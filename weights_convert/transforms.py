@@ -9,6 +9,8 @@ data is read), and has an inverse (used to write the original layout back, and t
   (O, I, 1, 1); diffusers uses Linear layers (O, I). Same numbers, a view.
 - `split_qkv`: OpenCLIP's `nn.MultiheadAttention` stores q, k and v fused in `in_proj_weight` (3D, D) and
   `in_proj_bias` (3D,), in that order; the CLIP text model has separate q_proj, k_proj, v_proj. Row slices, views.
+- `transpose`: OpenCLIP applies its `text_projection` (D, P) as `x @ proj`; transformers' CLIPTextModelWithProjection
+  holds an nn.Linear whose weight is (P, D) (SDXL's bigG encoder). A transposed view.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def _conv1x1_shapes(shape: Shape) -> tuple[Shape, ...] | None:
     return None
 
 
+def _transpose_shapes(shape: Shape) -> tuple[Shape, ...] | None:
+    return ((shape[1], shape[0]),) if len(shape) == 2 else None
+
+
 def _split_shapes(shape: Shape) -> tuple[Shape, ...] | None:
     if len(shape) not in (1, 2) or shape[0] % 3:
         return None
@@ -53,6 +59,8 @@ TRANSFORMS: dict[str, Transform] = {
                   lambda ts: ts[0][:, :, None, None], "(O, I, 1, 1) 1x1 conv weight -> (O, I) linear weight"),
         Transform("split_qkv", 3, lambda x: tuple(x.chunk(3, dim=0)), _split_shapes,
                   lambda ts: torch.cat(ts, dim=0), "fused (3D, ...) in_proj -> q, k, v (D, ...) each"),
+        Transform("transpose", 1, lambda x: (x.t().contiguous(),), _transpose_shapes,
+                  lambda ts: ts[0].t().contiguous(), "(D, P) matrix applied as x @ W -> (P, D) linear weight"),
     )
 }
 

@@ -4,10 +4,15 @@ Reference: CompVis `ldm/modules/diffusionmodules/openaimodel.py` (UNetModel: `in
 `output_blocks` as flat numbered lists of TimestepEmbedSequential) and diffusers `unet_2d_condition.py`
 (`down_blocks.i.resnets.j`, `attentions.j`, `downsamplers.0`). The original numbers every sub-block in one flat
 list per path; diffusers nests them per resolution level. `unet_blocks` holds all of that index arithmetic.
-Inside a block the names are a fixed renaming (ResNet) or identical (the spatial transformer).
+Inside a block the names are a fixed renaming (ResNet) or identical (the spatial transformer, whose
+`transformer_blocks.k` run to the level's depth: 1 in SD 1/2, up to 10 in SDXL). SDXL's micro-conditioning MLP is
+the original's `label_emb.0` (ADM's class-embedding slot, a Sequential [Linear, SiLU, Linear]), diffusers'
+`add_embedding`.
 """
 
 from __future__ import annotations
+
+import functools
 
 from ldm.config import UNetConfig
 
@@ -32,19 +37,30 @@ RESNET = local({
 })
 RESNET_SHORTCUT = local({"skip_connection": "conv_shortcut"})  # only where the channel count changes
 
-_ATTN = {f"transformer_blocks.0.{a}.{p}": f"transformer_blocks.0.{a}.{p}"
-         for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")}
-# The spatial transformer keeps its names in diffusers; proj_in/proj_out are 1x1 convs (SD 1) or linears (SD 2)
-# with the same keys, told apart by shape only.
-TRANSFORMER = (
-    local({k: k for k in ("norm", "proj_in", "proj_out")})
-    + local(_ATTN, params=("weight",))  # q, k, v have no bias
-    + local({f"transformer_blocks.0.{k}": f"transformer_blocks.0.{k}" for k in (
-        "attn1.to_out.0", "attn2.to_out.0",  # key-compat: to_out = [Linear, Dropout]
-        "norm1", "norm2", "norm3",
-        "ff.net.0.proj", "ff.net.2",  # key-compat: ff.net = [GEGLU, Dropout, Linear]
-    )})
-)
+ADD_EMBEDDING = local({
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",  # key-compat: label_emb = [[Linear, SiLU, Linear]]
+})
+
+
+@functools.cache  # one table object per depth: the docs page names tables by identity (TRANSFORMER is depth 1)
+def transformer(depth: int) -> Local:
+    """The spatial transformer with `depth` blocks. It keeps its names in diffusers; proj_in/proj_out are 1x1 convs
+    (SD 1) or linears (SD 2, SDXL) with the same keys, told apart by shape only."""
+    table = local({k: k for k in ("norm", "proj_in", "proj_out")})
+    for b in range(depth):
+        block = f"transformer_blocks.{b}"
+        table += local({f"{block}.{a}.{p}": f"{block}.{a}.{p}" for a in ("attn1", "attn2")
+                        for p in ("to_q", "to_k", "to_v")}, params=("weight",))  # q, k, v have no bias
+        table += local({f"{block}.{k}": f"{block}.{k}" for k in (
+            "attn1.to_out.0", "attn2.to_out.0",  # key-compat: to_out = [Linear, Dropout]
+            "norm1", "norm2", "norm3",
+            "ff.net.0.proj", "ff.net.2",  # key-compat: ff.net = [GEGLU, Dropout, Linear]
+        )})
+    return table
+
+
+TRANSFORMER = transformer(1)  # SD 1.x / 2.x
 CONV: Local = tuple((p, p, "copy") for p in PARAMS)  # a bare conv (down/upsampler): the block prefix names it
 
 
@@ -60,6 +76,7 @@ def unet_blocks(cfg: UNetConfig) -> list[tuple[str, str, Local]]:
     (`.2.conv`) or right after the ResNet (`.1.conv`).
     """
     widths, n, per = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
+    depth = [transformer(d) for d in cfg.transformer_layers_per_block]  # each level's table; the mid block: last
     blocks: list[tuple[str, str, Local]] = []
 
     def resnet(src: str, dst: str, c_in: int, c_out: int) -> None:
@@ -71,7 +88,7 @@ def unet_blocks(cfg: UNetConfig) -> list[tuple[str, str, Local]]:
             k = (per + 1) * i + j + 1
             resnet(f"input_blocks.{k}.0.", f"down_blocks.{i}.resnets.{j}.", channels, width)
             if cfg.cross_attention_levels[i]:
-                blocks.append((f"input_blocks.{k}.1.", f"down_blocks.{i}.attentions.{j}.", TRANSFORMER))
+                blocks.append((f"input_blocks.{k}.1.", f"down_blocks.{i}.attentions.{j}.", depth[i]))
             channels = width
             skips.append(width)
         if i < n - 1:
@@ -79,7 +96,7 @@ def unet_blocks(cfg: UNetConfig) -> list[tuple[str, str, Local]]:
             skips.append(width)
 
     resnet("middle_block.0.", "mid_block.resnets.0.", channels, channels)
-    blocks.append(("middle_block.1.", "mid_block.attentions.0.", TRANSFORMER))
+    blocks.append(("middle_block.1.", "mid_block.attentions.0.", depth[-1]))
     resnet("middle_block.2.", "mid_block.resnets.1.", channels, channels)
 
     for i, width in enumerate(reversed(widths)):
@@ -89,7 +106,7 @@ def unet_blocks(cfg: UNetConfig) -> list[tuple[str, str, Local]]:
             resnet(f"output_blocks.{k}.0.", f"up_blocks.{i}.resnets.{j}.", channels + skips.pop(), width)
             channels = width
             if cfg.cross_attention_levels[level]:
-                blocks.append((f"output_blocks.{k}.1.", f"up_blocks.{i}.attentions.{j}.", TRANSFORMER))
+                blocks.append((f"output_blocks.{k}.1.", f"up_blocks.{i}.attentions.{j}.", depth[level]))
             if j == per and i < n - 1:
                 at = 2 if cfg.cross_attention_levels[level] else 1
                 blocks.append((f"output_blocks.{k}.{at}.conv.", f"up_blocks.{i}.upsamplers.0.conv.", CONV))
@@ -101,6 +118,8 @@ def unet_rules(cfg: UNetConfig, prefix: str = PREFIX) -> list[Rule]:
     rules = expand("unet", prefix, "", STEM)
     if cfg.num_class_embeds is not None:  # the original's class embedding (the x4 upscaler's noise level)
         rules += expand("unet", prefix, "", local({"label_emb": "class_embedding"}, params=("weight",)))
+    if cfg.addition_embed_type == "text_time":  # SDXL's micro-conditioning MLP
+        rules += expand("unet", prefix, "", ADD_EMBEDDING)
     for src, dst, table in unet_blocks(cfg):
         rules += expand("unet", prefix + src, dst, table)
     return rules
