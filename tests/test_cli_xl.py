@@ -26,8 +26,9 @@ def models(tmp_path_factory):
 
 
 def generate(base, out, *extra: str) -> int:
+    size = [] if "--init-image" in extra else ["--height", "64", "--width", "64"]
     return main(["generate", "a lighthouse at dusk", "--model", str(base), "--out", str(out), "--steps", "5",
-                 "--seed", "3", "--height", "64", "--width", "64", *extra])
+                 "--seed", "3", *size, *extra])
 
 
 def png(path) -> np.ndarray:

@@ -270,6 +270,36 @@ def test_warm_up_feeds_the_added_conditioning(xl):
     assert warm_up(ours, height=SIZE, width=SIZE, calls=1) > 0 and warm_up(refiner, height=SIZE, width=SIZE, calls=1) > 0
 
 
+def test_single_file_and_diffusers_folder_give_identical_outputs(tmp_path):
+    """ldm.load_pipeline of a tiny SDXL base / refiner single file (the official layouts) and of the diffusers folder
+    exported from it: StableDiffusionXLPipeline both ways, the same latents bit for bit, base and hand-off."""
+    import ldm
+    from tests.helpers import TINY_XL_BASE, TINY_XL_REFINER
+    from tests.synth import tiny_ldm_manifest, write_synthetic_checkpoint
+    from weights_convert.export import export_diffusers
+    from weights_convert.load import load_components
+
+    runs = []
+    for how in ("file", "folder"):
+        pipes = []
+        for name, preset in (("base", TINY_XL_BASE), ("refiner", TINY_XL_REFINER)):
+            path = write_synthetic_checkpoint(tiny_ldm_manifest(preset), tmp_path / f"{name}.safetensors", seed=5)
+            if how == "folder":
+                path = export_diffusers(load_components(path, family=preset), tmp_path / name)
+            pipe = ldm.load_pipeline(path, family=preset if how == "file" else None)
+            assert isinstance(pipe, ldm.StableDiffusionXLPipeline)
+            pipes.append(pipe)
+        base, refiner = pipes
+        assert base.force_zeros_for_empty_prompt and not refiner.force_zeros_for_empty_prompt
+        assert refiner.requires_aesthetics_score and not base.requires_aesthetics_score
+        kw = dict(num_inference_steps=3, negative_prompt="fog", seed=1)
+        latents = base(PROMPTS[0], height=16, width=16, denoising_end=0.6, output_type="latent", **kw).latents
+        final = refiner.img2img(PROMPTS[0], latents, denoising_start=0.6, output_type="latent", **kw).latents
+        runs.append((latents, final))
+    assert torch.isfinite(runs[0][1]).all()
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_fp16_vae_decodes_in_fp32_when_force_upcast(xl):
     """force_upcast: an fp16 VAE decodes in fp32 (diffusers' upcast) and is cast back; same pixels as fp32 decoding
     of the fp16-rounded weights."""
