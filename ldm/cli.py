@@ -209,8 +209,9 @@ def describe_error(e: BaseException) -> str:
 
 def generate(args: argparse.Namespace) -> int:
     if args.prompts is not None or args.outdir is not None or args.batch_size is not None:
-        from ldm import batch  # batch generation, one process or torchrun's many
+        from ldm import batch, xl_cli  # batch generation, one process or torchrun's many
 
+        xl_cli.check_batch(args)
         return batch.run(args)
     if args.prompt is None:
         raise UsageError("give a PROMPT, or --prompts FILE --outdir DIR for a batch")

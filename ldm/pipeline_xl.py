@@ -59,19 +59,23 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def __init__(self, *, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, text_encoder_2: nn.Module,
                  tokenizer: Any, tokenizer_2: Any, scheduler: Any, family: FamilyPreset | None = None,
                  force_zeros_for_empty_prompt: bool | None = None, optimize: bool = False) -> None:
-        # The parent checks the parts it knows; the bigG encoder stands in for the one the refiner lacks.
-        super().__init__(unet=unet, vae=vae, text_encoder=text_encoder_2, tokenizer=tokenizer_2, scheduler=scheduler,
-                         family=family)
+        if not isinstance(text_encoder_2, nn.Module) or not hasattr(text_encoder_2, "text_projection"):
+            raise TypeError(f"text_encoder_2 must be a CLIPTextModelWithProjection (its pooled output is SDXL's "
+                            f"text_embeds), got {type(text_encoder_2).__name__}")
         if (text_encoder is None) != (tokenizer is None):
             raise ValueError("text_encoder and tokenizer go together: give both (SDXL base) or neither (refiner)")
         if text_encoder is not None and not isinstance(text_encoder, nn.Module):
             raise TypeError(f"text_encoder must be a torch.nn.Module or None, got {type(text_encoder).__name__}")
-        if not hasattr(text_encoder_2, "text_projection"):
-            raise TypeError(f"text_encoder_2 must be a CLIPTextModelWithProjection (its pooled output is SDXL's "
-                            f"text_embeds), got {type(text_encoder_2).__name__}")
+        # The parent checks the parts it knows; the bigG encoder stands in for the one the refiner lacks.
+        super().__init__(unet=unet, vae=vae, text_encoder=text_encoder_2, tokenizer=tokenizer_2, scheduler=scheduler,
+                         family=family)
         if unet.config.addition_embed_type != "text_time":
             raise ValueError(f"the UNet's addition_embed_type is {unet.config.addition_embed_type!r}: an SDXL UNet "
                              f"has 'text_time' (use StableDiffusionPipeline for SD 1.x / 2.x)")
+        widths = [e.config.hidden_size for e in (text_encoder, text_encoder_2) if e is not None]
+        if sum(widths) != unet.config.cross_attention_dim:
+            raise ValueError(f"the text encoders' widths {' + '.join(map(str, widths))} (concatenated) do not match "
+                             f"the UNet's cross_attention_dim {unet.config.cross_attention_dim}")
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         if force_zeros_for_empty_prompt is None:
@@ -88,9 +92,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         width = cfg.projection_class_embeddings_input_dim - self.text_encoder_2.config.projection_dim
         count, rest = divmod(width, cfg.addition_time_embed_dim)
         if rest or count not in (5, 6):
-            raise ValueError(f"the UNet's projection_class_embeddings_input_dim {cfg.projection_class_embeddings_input_dim}"
-                             f" minus text_encoder_2's projection_dim {self.text_encoder_2.config.projection_dim} is "
-                             f"not 5 or 6 time ids of addition_time_embed_dim {cfg.addition_time_embed_dim}")
+            raise ValueError(f"the UNet's projection_class_embeddings_input_dim "
+                             f"{cfg.projection_class_embeddings_input_dim} minus text_encoder_2's projection_dim "
+                             f"{self.text_encoder_2.config.projection_dim} is not 5 or 6 time ids of "
+                             f"addition_time_embed_dim {cfg.addition_time_embed_dim}")
         return count
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
@@ -128,6 +133,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if self.requires_aesthetics_score:
             raise ValueError("this UNet is conditioned on aesthetic scores (the SDXL refiner): it refines images, "
                              "use pipe.img2img(prompt, image) or pipe.inpaint(...)")
+        self._check_not_inpainting()
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         self._check_size(height, width, "height/width")
@@ -171,6 +177,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         latents are noised to the step `strength` picks. aesthetic_score / negative_aesthetic_score: the refiner's
         conditioning (its UNet reads 5 time ids); other arguments as `__call__`.
         """
+        self._check_not_inpainting()
         _check_strength(strength)
         _check_fraction(denoising_start, "denoising_start")
         _check_fraction(denoising_end, "denoising_end")
@@ -390,6 +397,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             self._add_time_ids(run, original + crops + scores[:1], negative_original + negative_crops + scores[1:])
         else:
             self._add_time_ids(run, original + crops + target, negative_original + crops + negative_target)
+
+    def _check_not_inpainting(self) -> None:
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise ValueError(f"this is an inpainting model (the UNet takes {self.unet.config.in_channels} channels): "
+                             f"use pipe.inpaint(prompt, image, mask_image)")
 
     def _image_or_latents(self, image: ImageInput) -> tuple[Tensor | None, Tensor | None]:
         """(pixels (1, 3, H, W), None) for a picture; (None, latents) for a (N, C, h, w) tensor of latents."""

@@ -46,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the refiner's unconditional aesthetic score (default 2.5)")
 
 
+def check_batch(args: argparse.Namespace) -> None:
+    """Batch generation (--prompts, ldm/batch.py) runs the base model alone: the SDXL options are refused there."""
+    from ldm.cli import UsageError
+
+    given = [f for f in FLAGS if getattr(args, f, None) is not None]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} is not available with --prompts (batch generation runs the "
+                         f"--model alone)")
+
+
 def applies(pipe: Any, args: argparse.Namespace) -> bool:
     """True when `run` handles this generation: an SDXL model, or any SDXL option (refused on other models)."""
     from ldm.pipeline_xl import StableDiffusionXLPipeline

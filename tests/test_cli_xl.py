@@ -83,6 +83,7 @@ def test_base_alone_and_inpainting_hand_off(models, tmp_path):
     (["--refiner-start", "0.5"], "--refiner-start needs --refiner"),
     (["--aesthetic-score", "7"], "--aesthetic-score conditions the SDXL refiner"),
     (["--hires-scale", "2"], "not supported with SDXL"),
+    (["--prompts", "p.txt", "--outdir", "o", "--refiner", "r"], "--refiner is not available with --prompts"),
 ])
 def test_bad_sdxl_options_exit_2(models, tmp_path, capsys, extra, message):
     out = tmp_path / "x.png"

@@ -119,7 +119,8 @@ def lora_file(path, pipe, kind: str) -> None:
             up = 0.1 * torch.randn(m.out_features, 4, generator=g)
             if kind == "kohya":
                 key = prefix + name.replace(".", "_")
-                sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+                sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                       f"{key}.alpha": torch.tensor(alpha)}
             else:
                 sd |= {f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up}
     save_file(sd, path)
@@ -259,6 +260,8 @@ def test_inpaint_9_channel_matches_diffusers(xl9, strength):
     out = ours.inpaint(PROMPTS[1], picture(2), disc_mask(), seed=5, output_type="np", **kw)
     assert rel_err(out.latents, ref_latents) <= LATENT_TOL
     assert_images_close(out.images, ref_images)
+    with pytest.raises(ValueError, match="inpainting model"):
+        ours(PROMPTS[1], height=SIZE, width=SIZE)
 
 
 def test_warm_up_feeds_the_added_conditioning(xl):
@@ -267,7 +270,8 @@ def test_warm_up_feeds_the_added_conditioning(xl):
     from ldm.optimize import warm_up
 
     _, _, ours, refiner = xl
-    assert warm_up(ours, height=SIZE, width=SIZE, calls=1) > 0 and warm_up(refiner, height=SIZE, width=SIZE, calls=1) > 0
+    for pipe in (ours, refiner):
+        assert warm_up(pipe, height=SIZE, width=SIZE, calls=1) > 0
 
 
 def test_single_file_and_diffusers_folder_give_identical_outputs(tmp_path):
@@ -333,3 +337,17 @@ def test_bad_arguments_name_the_problem(xl, call, match):
     _, _, ours, refiner = xl
     with pytest.raises(ValueError, match=match):
         call(ours, refiner)
+
+
+def test_constructor_checks_the_parts(xl):
+    """The parts must fit: a second encoder with a projection head, the encoders' widths summing to the UNet's text
+    width, tokenizer and encoder together; an inpainting UNet refuses txt2img."""
+    _, _, ours, refiner = xl
+    parts = dict(unet=ours.unet, vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
+                 text_encoder_2=ours.text_encoder_2, tokenizer_2=ours.tokenizer_2, scheduler=ours.scheduler)
+    with pytest.raises(TypeError, match="CLIPTextModelWithProjection"):
+        type(ours)(**{**parts, "text_encoder_2": ours.text_encoder})
+    with pytest.raises(ValueError, match="32 \\+ 48 .* cross_attention_dim 48"):
+        type(ours)(**{**parts, "unet": refiner.unet})
+    with pytest.raises(ValueError, match="go together"):
+        type(ours)(**{**parts, "tokenizer": None})
