@@ -274,8 +274,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Prompt encoding: two encoders, penultimate layers side by side, bigG's pooled embedding
 
-    def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None, clip_skip: int | None = None,
-                      weighting: bool = True, min_chunks: int = 1) -> tuple[Tensor, Tensor]:
+    def encode_prompt(self, prompts: str | list[str], prompts_2: str | list[str] | None = None,
+                      clip_skip: int | None = None, weighting: bool = True,
+                      min_chunks: int = 1) -> tuple[Tensor, Tensor]:
         """Prompts -> (context (B, 77*k, D1 + D2), pooled (B, P)), as diffusers' SDXL `encode_prompt`.
 
         CLIP-L reads `prompts`, bigG `prompts_2` (default: the same); each gives hidden_states[-(clip_skip + 1)]
@@ -286,7 +287,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         at least min_chunks), and pooled comes from the first chunk, unweighted. A plain prompt of at most 75
         tokens gives exactly diffusers' encoding.
         """
-        prompts_2 = prompts if prompts_2 is None else prompts_2
+        prompts = _prompts(prompts, "prompts")
+        prompts_2 = prompts if prompts_2 is None else _prompts(prompts_2, "prompts_2")
         if len(prompts_2) != len(prompts):
             raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}")
         encoders = self._encoders(prompts, prompts_2)

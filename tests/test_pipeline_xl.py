@@ -351,3 +351,83 @@ def test_constructor_checks_the_parts(xl):
         type(ours)(**{**parts, "unet": refiner.unet})
     with pytest.raises(ValueError, match="go together"):
         type(ours)(**{**parts, "tokenizer": None})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full SDXL shapes (slow): synthetic official single files, one copy of the weights in memory
+
+
+def shared_reference(ours, family: str):
+    """diffusers' SDXL pipeline (base) or img2img pipeline (refiner) whose modules hold the very tensors ours loaded:
+    built on the meta device from the shipped configs, then load_state_dict(strict=True, assign=True), so the 10 GB
+    of fp32 weights exist once (the test compares the pipelines' code paths; the converter's full-shape tests
+    compare the loading)."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from tests.helpers import DIFFUSERS_CONFIGS, load_json
+
+    folder = DIFFUSERS_CONFIGS / family
+    parts = {}
+    with init_empty_weights(include_buffers=False):
+        parts["unet"] = diffusers.UNet2DConditionModel.from_config(load_json(folder / "unet" / "config.json"))
+        parts["vae"] = diffusers.AutoencoderKL.from_config(load_json(folder / "vae" / "config.json"))
+        for name, cls in (("text_encoder", transformers.CLIPTextModel),
+                          ("text_encoder_2", transformers.CLIPTextModelWithProjection)):
+            if getattr(ours, name) is not None:
+                parts[name] = cls(transformers.CLIPTextConfig(**load_json(folder / name / "config.json")))
+    for name, module in parts.items():
+        module.load_state_dict(getattr(ours, name).state_dict(), strict=True, assign=True)
+        module.eval()
+    tokenizers = {name: transformers.CLIPTokenizer.from_pretrained(folder / name)
+                  for name in ("tokenizer", "tokenizer_2") if (folder / name).is_dir()}
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(load_json(folder / "scheduler" / "scheduler_config.json"))
+    if "text_encoder" in parts:
+        ref = diffusers.StableDiffusionXLPipeline(scheduler=scheduler, add_watermarker=False, **parts, **tokenizers)
+    else:
+        ref = diffusers.StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, scheduler=scheduler, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, add_watermarker=False, **parts, **tokenizers)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+@pytest.mark.slow
+def test_full_shape_sdxl_base_and_refiner_match_diffusers(tmp_path):
+    """The official SDXL shapes from synthetic fp16 single files (base: 2,567,463,684-parameter UNet, CLIP-L + bigG;
+    refiner: 2,259,526,660, bigG alone), loaded in fp32, at 128 px (16 x 16 latents), guidance 5, micro-conditioning
+    and aesthetic scores off their defaults: the prompt encoding within 1e-5 of diffusers', the base's latents at
+    denoising_end=0.5 of 4 steps and the refiner's from the same latents within 1e-4, the images within the
+    contract. Base first, then the refiner: one model in memory at a time (~14 GB)."""
+    import gc
+
+    import ldm
+    from tests.synth import write_synthetic_checkpoint
+
+    kw = dict(negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0, original_size=(1024, 768),
+              crops_coords_top_left=(0, 64))
+    handoff = None
+    for manifest, family in (("sdxl_base", "sdxl-base"), ("sdxl_refiner", "sdxl-refiner")):
+        path = write_synthetic_checkpoint(manifest, tmp_path / f"{manifest}.safetensors", dtype=torch.float16, seed=3)
+        ours = ldm.load_pipeline(path)
+        path.unlink()
+        assert isinstance(ours, ldm.StableDiffusionXLPipeline) and ours.family.name == family
+        ref = shared_reference(ours, family)
+        want = ref.encode_prompt(PROMPTS[0], num_images_per_prompt=1, do_classifier_free_guidance=False)
+        context, pooled = ours.encode_prompt([PROMPTS[0]])
+        assert rel_err(context, want[0]) <= COMPONENT_TOL and rel_err(pooled, want[2]) <= COMPONENT_TOL
+        if handoff is None:
+            assert context.shape == (1, 77, 2048) and pooled.shape == (1, 1280)
+            want = ref(PROMPTS[0], generator=generators(2, 1), height=128, width=128, denoising_end=0.5,
+                       output_type="latent", **kw).images
+            out = ours(PROMPTS[0], seed=2, height=128, width=128, denoising_end=0.5, output_type="latent", **kw)
+            handoff = out.latents
+        else:
+            refine = dict(denoising_start=0.5, aesthetic_score=7.0, negative_aesthetic_score=2.0, **kw)
+            ref_images, want = run_ref(ref, PROMPTS[0], image=handoff, seed=2, n_images=1, **refine)
+            out = ours.img2img(PROMPTS[0], handoff, seed=2, output_type="np", **refine)
+            assert_images_close(out.images, ref_images)
+        assert out.steps_run == 2 and rel_err(out.latents, want) <= LATENT_TOL
+        del ours, ref, out
+        gc.collect()
