@@ -277,8 +277,10 @@ class UNetConfig:
     # to the pixels (the x4 upscaler: (True, True, True, False)); a bool means every level. The mid block always
     # keeps self-attention (diffusers' UNetMidBlock2DCrossAttn has no such switch).
     only_cross_attention: bool | tuple[bool, ...] = False
-    # Transformer blocks stacked in each spatial transformer, per level (an int means every level; SDXL base:
-    # 1/2/10). The mid block takes the last level's depth, the up path mirrors the down path.
+    # Transformer blocks stacked in each spatial transformer, per level (SDXL base: 1/2/10), or one int for every
+    # level (kept an int, also when given as equal entries, so a variant with another number of levels derives by
+    # dataclasses.replace). `transformer_depths` reads it per level. The mid block takes the last level's depth,
+    # the up path mirrors the down path.
     transformer_layers_per_block: int | tuple[int, ...] = 1
     # SDXL's micro-conditioning (diffusers' addition_embed_type "text_time"): the pooled text embedding and the
     # sinusoids of the size/crop (and aesthetic score) `time_ids`, each of addition_time_embed_dim, concatenated to
@@ -299,7 +301,12 @@ class UNetConfig:
         heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
         object.__setattr__(self, "num_heads", heads)
         depth = self.transformer_layers_per_block
-        depth = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+        if not isinstance(depth, int):
+            depth = tuple(depth)
+            if len(depth) != levels:
+                raise ValueError(f"{owner}: transformer_layers_per_block has {len(depth)} entries, block_out_channels "
+                                 f"has {levels}")
+            depth = depth[0] if len(set(depth)) == 1 else depth  # one depth everywhere: an int
         object.__setattr__(self, "transformer_layers_per_block", depth)
         self._check_addition(owner)
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -316,7 +323,7 @@ class UNetConfig:
                   norm_num_groups=self.norm_num_groups)
         if levels == 0:
             raise ValueError(f"{owner}: block_out_channels must not be empty")
-        for name in ("cross_attention_levels", "num_heads", "only_cross_attention", "transformer_layers_per_block"):
+        for name in ("cross_attention_levels", "num_heads", "only_cross_attention"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"{owner}: {name} has {len(getattr(self, name))} entries, block_out_channels has "
                                  f"{levels}")
@@ -327,8 +334,14 @@ class UNetConfig:
                                  f"{self.norm_num_groups}")
             if width % nh:
                 raise ValueError(f"{owner}: block_out_channels entry {width} is not divisible by its num_heads {nh}")
-        for d in depth:
+        for d in self.transformer_depths:
             _positive(owner, transformer_layers_per_block=d)
+
+    @property
+    def transformer_depths(self) -> tuple[int, ...]:
+        """Transformer blocks per spatial transformer at each level (transformer_layers_per_block, per level)."""
+        depth = self.transformer_layers_per_block
+        return (depth,) * len(self.block_out_channels) if isinstance(depth, int) else depth
 
     def _check_addition(self, owner: str) -> None:
         """addition_embed_type None or "text_time"; its two widths exactly when it is "text_time"."""
@@ -406,7 +419,8 @@ class UNetConfig:
         only = self.only_cross_attention
         return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **d,
                 "only_cross_attention": only[0] if len(set(only)) == 1 else list(only),
-                "transformer_layers_per_block": list(self.transformer_layers_per_block),
+                "transformer_layers_per_block": self.transformer_layers_per_block if isinstance(
+                    self.transformer_layers_per_block, int) else list(self.transformer_layers_per_block),
                 "block_out_channels": list(self.block_out_channels), "down_block_types": down, "up_block_types": up,
                 "attention_head_dim": list(self.num_heads), "act_fn": "silu", "center_input_sample": False,
                 "downsample_padding": 1, "mid_block_scale_factor": 1}

@@ -379,7 +379,7 @@ class UNet2DConditionModel(nn.Module):
             raise TypeError(f"UNet2DConditionModel: cfg must be a UNetConfig, got {type(cfg).__name__}")
         self.config = cfg
         widths, heads, attn = cfg.block_out_channels, cfg.num_heads, cfg.cross_attention_levels
-        depth, only = cfg.transformer_layers_per_block, cfg.only_cross_attention
+        depth, only = cfg.transformer_depths, cfg.only_cross_attention
         last = len(widths) - 1
 
         self.time_proj = Timesteps(widths[0], cfg.flip_sin_to_cos, cfg.freq_shift)

@@ -1,9 +1,14 @@
 """Load cost: ldm.load_pipeline vs diffusers' StableDiffusionPipeline.from_single_file on the same synthetic SD 1.5
-file, same run, warm page cache.
+file, same run, warm page cache; or the SDXL base file (`--model sdxl-base`, diffusers' StableDiffusionXLPipeline).
 
     flock /tmp/ldm-heavy.lock python scripts/bench_load.py [--workdir /tmp/ldm-bench] [--repeats 3]
+    flock /tmp/ldm-heavy.lock python scripts/bench_load.py --model sdxl-base [--file sd_xl_base_1.0.safetensors]
 
-Three paths: the fp32 file loaded as fp32 (same dtype), the fp16 file loaded as fp32, the fp32 file loaded as fp16.
+SD 1.5, three paths: the fp32 file loaded as fp32 (same dtype), the fp16 file loaded as fp32, the fp32 file loaded
+as fp16. SDXL base (the official file is fp16, 6.9 GB; fp32 would be 14 GB per copy): the fp16 file loaded as fp16
+and as bf16. `--file` measures that file (e.g. the real sd_xl_base_1.0.safetensors) instead of a synthetic one and
+keeps it. Where this build has no ldm.pipeline_xl yet, "ours" for SDXL is weights_convert.load.load_components (the
+same loading, without the pipeline object).
 Each measurement runs in a fresh process (so peak RSS is that load's alone): import the library, then time the
 load plus one pass reading every weight (`p.sum()` over every parameter: a lazy or memory-mapped load must not
 hide its cost). Peak RSS is the process's high-water mark (ru_maxrss); "over base" subtracts the RSS measured
@@ -24,8 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "tests" / "fixtures" / "diffusers_configs" / "sd15"
-PATHS = (("fp32", "fp32"), ("fp16", "fp32"), ("fp32", "fp16"))
+CONFIGS = ROOT / "tests" / "fixtures" / "diffusers_configs"
+MODELS = {  # --model: (manifest, diffusers config folder, family, load paths (file dtype, load dtype))
+    "sd15": ("sd15", "sd15", "sd15", (("fp32", "fp32"), ("fp16", "fp32"), ("fp32", "fp16"))),
+    "sdxl-base": ("sdxl_base", "sdxl-base", "sdxl-base", (("fp16", "fp16"), ("fp16", "bf16"))),
+}
 
 
 def _rss_bytes() -> int:
@@ -33,31 +41,43 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(loader: str, file: str, dtype_name: str) -> None:
+def child(loader: str, file: str, dtype_name: str, model: str) -> None:
     """One measurement, in this (fresh) process; prints a JSON line."""
     os.environ["HF_HUB_OFFLINE"] = "1"
+    import importlib.util
+
     import torch
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    _, config, family, _ = MODELS[model]
+    xl = model.startswith("sdxl")
     if loader == "ours":
         sys.path.insert(0, str(ROOT))
         import ldm
         import weights_convert.load  # noqa: F401  (imports before the clock starts, as for diffusers)
 
+        load = ldm.load_pipeline
+        if xl and importlib.util.find_spec("ldm.pipeline_xl") is None:
+            load = weights_convert.load.load_components  # no SDXL pipeline class in this build: the parts
         base = _rss_bytes()
         t0 = time.perf_counter()
-        pipe = ldm.load_pipeline(file, dtype=dtype, family="sd15")
+        pipe = load(file, dtype=dtype, family=family)
     else:
         import diffusers
 
         base = _rss_bytes()
         t0 = time.perf_counter()
-        pipe = diffusers.StableDiffusionPipeline.from_single_file(
-            file, config=str(CONFIG), local_files_only=True, safety_checker=None, feature_extractor=None,
-            torch_dtype=dtype)
+        if xl:
+            pipe = diffusers.StableDiffusionXLPipeline.from_single_file(
+                file, config=str(CONFIGS / config), local_files_only=True, torch_dtype=dtype)
+        else:
+            pipe = diffusers.StableDiffusionPipeline.from_single_file(
+                file, config=str(CONFIGS / config), local_files_only=True, safety_checker=None,
+                feature_extractor=None, torch_dtype=dtype)
     t_load = time.perf_counter() - t0
     total = 0.0
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder] + ([pipe.text_encoder_2] if xl else [])
+    for module in modules:
         for p in module.parameters():
             assert p.dtype == dtype
             total += float(p.sum())  # touch every weight once
@@ -67,8 +87,8 @@ def child(loader: str, file: str, dtype_name: str) -> None:
                       "checksum": total}))
 
 
-def measure(loader: str, file: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", loader, str(file), dtype], capture_output=True,
+def measure(loader: str, file: Path, dtype: str, model: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", loader, str(file), dtype, model], capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -78,7 +98,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ldm-bench"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--child", nargs=3, metavar=("LOADER", "FILE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd15")
+    parser.add_argument("--file", type=Path, default=None,
+                        help="measure this single file (of --model's family) instead of a synthetic one; kept")
+    parser.add_argument("--child", nargs=4, metavar=("LOADER", "FILE", "DTYPE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -88,27 +111,35 @@ def main() -> None:
 
     from tests.synth import write_synthetic_checkpoint
 
+    manifest, _, _, paths = MODELS[args.model]
     args.workdir.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, dtype in (("fp32", None), ("fp16", torch.float16)):
-        path = args.workdir / f"sd15_{name}.safetensors"
+    files, written = {}, []
+    for name in sorted({src for src, _ in paths}):
+        if args.file is not None:
+            if not args.file.is_file():
+                raise SystemExit(f"--file {args.file}: no such file")
+            files[name] = args.file  # the user's file, whatever its dtype: loaded as each path's target dtype
+            continue
+        path = args.workdir / f"{manifest}_{name}.safetensors"
         if not path.exists():
             print(f"writing {path} ...", flush=True)
-            write_synthetic_checkpoint("sd15", path, dtype=dtype)
+            write_synthetic_checkpoint(manifest, path, dtype=torch.float16 if name == "fp16" else None)
         files[name] = path
+        written.append(path)
     gib = 1024 ** 3
-    print(f"\nfiles: fp32 {files['fp32'].stat().st_size / gib:.2f} GiB, fp16 {files['fp16'].stat().st_size / gib:.2f} "
-          f"GiB; torch {torch.__version__}, {os.cpu_count()} CPUs; median of {args.repeats} fresh processes\n")
+    sizes = ", ".join(f"{name} {path.stat().st_size / gib:.2f} GiB" for name, path in files.items())
+    print(f"\n{args.model} files: {sizes}; torch {torch.__version__}, {os.cpu_count()} CPUs; median of "
+          f"{args.repeats} fresh processes\n")
     header = (f"{'path':<14} {'loader':<10} {'load s':>7} {'load+read s':>12} {'peak RSS GiB':>13} "
               f"{'over base GiB':>14} {'peak/file':>10}")
     print(header)
     print("-" * len(header))
     results = {}
-    for src, dst in PATHS:
+    for src, dst in paths:
         file = files[src]
         subprocess.run(["cat", str(file)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
         for loader in ("ours", "diffusers"):
-            runs = [measure(loader, file, dst) for _ in range(args.repeats)]
+            runs = [measure(loader, file, dst, args.model) for _ in range(args.repeats)]
             r = {k: statistics.median(run[k] for run in runs) for k in ("load_s", "load_and_read_s", "peak_rss",
                                                                         "base_rss")}
             results[(src, dst, loader)] = r
@@ -116,12 +147,12 @@ def main() -> None:
                   f"{r['peak_rss'] / gib:13.2f} {(r['peak_rss'] - r['base_rss']) / gib:14.2f} "
                   f"{r['peak_rss'] / file.stat().st_size:10.2f}", flush=True)
     print("\nratios ours / diffusers (<= 1.0 is the target):")
-    for src, dst in PATHS:
+    for src, dst in paths:
         a, b = results[(src, dst, "ours")], results[(src, dst, "diffusers")]
         print(f"  {src}->{dst}: time (load+read) {a['load_and_read_s'] / b['load_and_read_s']:.2f}, "
               f"peak RSS {a['peak_rss'] / b['peak_rss']:.2f}")
     if not args.keep:
-        for path in files.values():
+        for path in written:
             path.unlink()
 
 

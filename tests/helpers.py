@@ -346,3 +346,15 @@ def write_xl_configs(preset, folder: Path) -> Path:  # preset: ldm.config.Family
             shutil.copytree(shipped / sub, folder / sub, dirs_exist_ok=True)
     shutil.copyfile(shipped / "model_index.json", folder / "model_index.json")
     return folder
+
+
+def official_state(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """A part's state dict with a text encoder's keys in the official `text_model.` layout (transformers 5.x's
+    CLIPTextModel has no such level; CLIPTextModelWithProjection keeps it), position_ids dropped; the UNet's and
+    the VAE's as they are."""
+    if not part.startswith("text_encoder"):
+        return state
+    out = {f"text_model.{k}" if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k: v
+           for k, v in state.items()}
+    out.pop("text_model.embeddings.position_ids", None)
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY_XL_BASE, TINY_XL_REFINER, write_xl_configs
+from tests.helpers import TINY_XL_BASE, TINY_XL_REFINER, official_state, write_xl_configs
 from tests.synth import tiny_ldm_manifest, write_synthetic_checkpoint
 from weights_convert.checkpoint import detect_layout, official_layout
 from weights_convert.load import load_components, load_pipeline
@@ -45,14 +45,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: f.tensor(k).clone() for k in f.keys()}
 
 
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict in the official text_encoder layout (transformers 5.x drops `text_model.` on CLIPTextModel)."""
-    state = module.state_dict()
-    state = {k if k.startswith(("text_model.", "text_projection")) or not hasattr(module, "text_model") and
-             not k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else f"text_model.{k}": v
-             for k, v in state.items()}
-    state.pop("text_model.embeddings.position_ids", None)
-    return state
+def _state(module: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
+    return official_state(module.state_dict(), part)
 
 
 def _diffusers_parts(ckpt: Path, config: Path, encoders: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -93,7 +87,7 @@ def test_matches_diffusers_single_file_conversion(files: dict[str, Path], name: 
     assert ours.tokenizer_2.pad_id == 0 and (name == "refiner" or ours.tokenizer.pad_id == 49407)
     ref = _diffusers_parts(files[name], files[f"{name}_configs"], ENCODERS[name])
     for part, module in ref.items():
-        mine, theirs = _state(getattr(ours, part)), _state(module)
+        mine, theirs = _state(getattr(ours, part), part), _state(module, part)
         assert mine.keys() == theirs.keys(), f"{part}: {sorted(mine.keys() ^ theirs.keys())[:5]}"
         for key, value in theirs.items():
             assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), f"{part} {key}"
@@ -129,7 +123,8 @@ def test_single_file_and_diffusers_folder_give_identical_tensors(files: dict[str
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert again.tokenizer_2(["a dog"]).tolist() == single.tokenizer_2(["a dog"]).tolist()
     kwargs = again.pipeline_kwargs()
-    assert kwargs["text_encoder_2"] is again.text_encoder_2 and kwargs["force_zeros_for_empty_prompt"] == (name == "base")
+    assert kwargs["text_encoder_2"] is again.text_encoder_2
+    assert kwargs["force_zeros_for_empty_prompt"] == (name == "base")
 
 
 def test_diffusers_reads_our_exported_folder(files: dict[str, Path], tmp_path: Path) -> None:
@@ -140,8 +135,8 @@ def test_diffusers_reads_our_exported_folder(files: dict[str, Path], tmp_path: P
     ours = load_components(files["base"], family=TINY_XL_BASE)
     folder = export_diffusers(ours, tmp_path / "base")
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
-    theirs = _state(pipe.text_encoder_2)
-    assert all(torch.equal(v, _state(ours.text_encoder_2)[k]) for k, v in theirs.items())
+    theirs, mine = _state(pipe.text_encoder_2, "text_encoder_2"), _state(ours.text_encoder_2, "text_encoder_2")
+    assert theirs.keys() == mine.keys() and all(torch.equal(v, mine[k]) for k, v in theirs.items())
 
 
 def test_load_pipeline_picks_the_sdxl_class(files: dict[str, Path]) -> None:
@@ -234,3 +229,78 @@ def test_damaged_sdxl_folders(files: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"addition_embed_type 'text_time' \(SDXL\), but the folder has no "
                                               r"text_encoder_2/"):
         load_components(folder)
+
+
+def test_hub_id_of_an_sdxl_refiner_from_an_offline_cache(files: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path fetches and reads text_encoder_2/ and tokenizer_2/, and a refiner repo has no text_encoder/."""
+    import huggingface_hub.constants
+
+    from ldm.hub import needed_patterns
+    from weights_convert.export import export_diffusers
+
+    assert {"tokenizer_2/*", "text_encoder_2/config.json", "text_encoder_2/model.safetensors"} <= set(needed_patterns())
+    snapshot = tmp_path / "hub" / "models--org--tiny-xl-refiner" / "snapshots" / ("b" * 40)
+    single = load_components(files["refiner"], family=TINY_XL_REFINER)
+    export_diffusers(single, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    parts = load_components("org/tiny-xl-refiner")
+    assert parts.family.name == "sdxl-refiner" and parts.text_encoder is None and parts.tokenizer is None
+    a, b = single.text_encoder_2.state_dict(), parts.text_encoder_2.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kohya-format SDXL LoRA key names (the mapping only; merging is ldm/lora.py's, the same for every family)
+
+
+def test_kohya_sdxl_lora_keys_map_to_our_modules(tmp_path: Path) -> None:
+    from ldm.clip import CLIPTextModel, CLIPTextModelWithProjection
+    from ldm.unet import UNet2DConditionModel
+    from weights_convert.lora import read_lora
+
+    with torch.device("meta"):
+        unet, te1 = UNet2DConditionModel(TINY_XL_BASE.unet), CLIPTextModel(TINY_XL_BASE.text)
+        te2 = CLIPTextModelWithProjection(TINY_XL_BASE.text_encoder_2)
+    # kohya sd-scripts' SDXL names: the original LDM UNet paths (1 block per level here: input_blocks.{2*i+j+1}),
+    # te1, te2
+    expected = {
+        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k":
+            ("unet", "down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k"),
+        "lora_unet_middle_block_1_transformer_blocks_1_ff_net_2":
+            ("unet", "mid_block.attentions.0.transformer_blocks.1.ff.net.2"),
+        "lora_unet_output_blocks_0_1_transformer_blocks_1_attn1_to_out_0":
+            ("unet", "up_blocks.0.attentions.0.transformer_blocks.1.attn1.to_out.0"),
+        "lora_unet_label_emb_0_0": ("unet", "add_embedding.linear_1"),
+        "lora_unet_input_blocks_1_0_in_layers_2": ("unet", "down_blocks.0.resnets.0.conv1"),
+        "lora_te1_text_model_encoder_layers_1_self_attn_q_proj":
+            ("text_encoder", "text_model.encoder.layers.1.self_attn.q_proj"),
+        "lora_te2_text_model_encoder_layers_2_mlp_fc1": ("text_encoder_2", "text_model.encoder.layers.2.mlp.fc1"),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj":  # diffusers / PEFT spelling
+            ("text_encoder_2", "text_model.encoder.layers.0.self_attn.k_proj"),
+    }
+    modules = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
+    data = {}
+    for name, (component, module_name) in expected.items():
+        weight = modules[component].get_submodule(module_name).weight
+        kernel = tuple(weight.shape[2:])
+        down, up = (".lora_A.weight", ".lora_B.weight") if "." in name else (".lora_down.weight", ".lora_up.weight")
+        data[name + down] = torch.randn(2, weight.shape[1], *kernel)
+        data[name + up] = torch.randn(weight.shape[0], 2, *((1, 1) if kernel else ()))
+        data[name + ".alpha"] = torch.tensor(1.0)
+    path = save_file(data, tmp_path / "xl_lora.safetensors")
+    adapter = read_lora(path, unet, te1, te2)
+    assert set(adapter) == set(expected.values())
+    assert all(layer.alpha == 1.0 and layer.down.shape[0] == 2 for layer in adapter.values())
+    with pytest.raises(CheckpointError, match="a LoRA for SDXL .*second text encoder"):
+        read_lora(path, unet, te1)  # a model without a second encoder
+    with torch.device("meta"):
+        refiner = UNet2DConditionModel(TINY_XL_REFINER.unet)
+    with pytest.raises(CheckpointError, match="reads 72-wide text embeddings, this model's reads 40"):
+        read_lora(path, refiner, None, te2)  # a base LoRA on the refiner (bigG's 40-wide context alone)
+    te_only = save_file({k: v for k, v in data.items() if k.startswith("lora_te")}, tmp_path / "te.safetensors")
+    with pytest.raises(CheckpointError, match="match no LoRA layer of this model .*lora_te1_"):
+        read_lora(te_only, refiner, None, te2)  # the refiner has no first encoder

@@ -378,7 +378,10 @@ def shared_reference(ours, family: str):
             if getattr(ours, name) is not None:
                 parts[name] = cls(transformers.CLIPTextConfig(**load_json(folder / name / "config.json")))
     for name, module in parts.items():
-        module.load_state_dict(getattr(ours, name).state_dict(), strict=True, assign=True)
+        state = getattr(ours, name).state_dict()
+        if not any(k.startswith("text_model.") for k in module.state_dict()):  # transformers 5's CLIPTextModel
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        module.load_state_dict(state, strict=True, assign=True)
         module.eval()
     tokenizers = {name: transformers.CLIPTokenizer.from_pretrained(folder / name)
                   for name in ("tokenizer", "tokenizer_2") if (folder / name).is_dir()}

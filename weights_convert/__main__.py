@@ -81,7 +81,7 @@ def blocks_markdown(family: str) -> str:
     for module in (unet_rules, vae_rules, clip_rules):
         names.update({id(v): k for k, v in vars(module).items() if isinstance(v, tuple) and k.isupper()})
     names.update({id(unet_rules.transformer(d)): f"TRANSFORMER x {d} blocks"
-                  for d in preset.unet.transformer_layers_per_block if d > 1})  # SDXL's deeper transformers
+                  for d in preset.unet.transformer_depths if d > 1})  # SDXL's deeper transformers
     out = [f"## {family}", ""]
     for title, prefix, blocks in (("UNet", unet_rules.PREFIX, unet_rules.unet_blocks(preset.unet)),
                                   ("VAE", vae_rules.PREFIX, vae_rules.vae_blocks(preset.vae))):

@@ -4,10 +4,12 @@ A LoRA file names, for each adapted layer, a down matrix A, an up matrix B and o
 spellings (all of them read; one file may mix them, e.g. kohya UNet + kohya text encoder):
 - kohya sd-scripts, A1111: `lora_unet_` + the diffusers module path with `_` for `.`
   (`lora_unet_down_blocks_0_attentions_0_proj_in`), or in older files the original LDM path
-  (`lora_unet_input_blocks_1_1_proj_in`); `lora_te_` / `lora_te1_` + the text encoder's path (SDXL's second
-  encoder: `lora_te2_`); then `.lora_down.weight` / `.lora_up.weight` / `.alpha`.
-- diffusers / PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` (SDXL) + module path, then `.lora_A.weight` /
-  `.lora_B.weight` / `.alpha` (optional); diffusers < 0.20: `.lora.down.weight` / `.lora.up.weight`.
+  (`lora_unet_input_blocks_1_1_proj_in`, SDXL's kohya files always); `lora_te_` / `lora_te1_` + the text
+  encoder's path, and for SDXL's second encoder `lora_te2_` (`lora_te2_text_model_encoder_layers_0_mlp_fc1`);
+  then `.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+- diffusers / PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` + module path, then `.lora_A.weight` /
+  `.lora_B.weight` / `.alpha`
+  (optional); diffusers < 0.20: `.lora.down.weight` / `.lora.up.weight`.
 A file without alphas means alpha = r (scale 1), except where a diffusers file's `lora_adapter_metadata` gives
 peft's `lora_alpha` (and `alpha_pattern`) per component, which it then follows as diffusers does.
 
@@ -48,14 +50,14 @@ PREFIXES = (
     ("unet.", "unet", "."), ("text_encoder.", "text_encoder", "."),
     ("lora_te2_", "text_encoder_2", "_"), ("text_encoder_2.", "text_encoder_2", "."),  # SDXL's second encoder
 )
-SECOND_ENCODER = ("lora_te2_", "text_encoder_2.")  # the prefixes of SDXL's second text encoder's layers
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 FAMILY_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention (text) width -> family
 
 
 def lora_module_table(unet: nn.Module, text_encoder: nn.Module | None,
                       text_encoder_2: nn.Module | None = None) -> dict[str, tuple[str, str]]:
     """File layer name -> (component, our module name), for every spelling in PREFIXES (and LDM's for the UNet).
-    SDXL: text_encoder_2 is its second encoder, text_encoder None for the refiner."""
+    text_encoder_2: SDXL's second encoder (text_encoder None: the SDXL refiner, which has only that one)."""
     table: dict[str, tuple[str, str]] = {}
     models = (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
     for component, model in ((c, m) for c, m in models if m is not None):
@@ -63,7 +65,7 @@ def lora_module_table(unet: nn.Module, text_encoder: nn.Module | None,
         for prefix, comp, joiner in PREFIXES:
             if comp == component:
                 table.update({prefix + n.replace(".", joiner): (component, n) for n in names})
-        if component != "unet":  # transformers 5 writes CLIPTextModel's paths without `text_model.`
+        if component in TEXT_ENCODERS:  # transformers 5 writes CLIPTextModel's paths without `text_model.`
             table.update({f"{component}." + n.removeprefix("text_model."): (component, n) for n in names})
     table.update(_ldm_unet_names(unet))
     return table
@@ -90,7 +92,7 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 def read_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None,
               text_encoder_2: nn.Module | None = None) -> Adapter:
-    """Read, map and check a LoRA file against the models (SDXL: and its second text encoder; the refiner has no
+    """Read, map and check a LoRA file against the models (SDXL: the second text encoder too; the refiner has no
     first one); nothing is changed here."""
     path = Path(path)
     data, metadata = read_tensors_file(path)
@@ -99,7 +101,9 @@ def read_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module 
         raise CheckpointError(f"{path}: not a LoRA file: entries that are not tensors: {bad[:MAX_LISTED]}")
     if not data:
         raise CheckpointError(f"{path}: the file holds no tensors")
-    _check_family(path, data, unet, text_encoder, text_encoder_2)
+    models = {c: m for c, m in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+              if m is not None}
+    _check_family(path, data, models)
     table = lora_module_table(unet, text_encoder, text_encoder_2)
     layers: dict[str, dict[str, Tensor]] = {}
     unmatched = []
@@ -110,11 +114,12 @@ def read_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module 
             continue
         layers.setdefault(split[0], {})[split[1]] = tensor
     if unmatched:
+        parts = ", ".join({"unet": "UNet", "text_encoder": "text encoder",
+                           "text_encoder_2": "text encoder 2"}[c] for c in models)
         raise CheckpointError(f"{path}: {len(unmatched)} of {len(data)} keys match no LoRA layer of this model "
-                              f"(UNet, text encoder): {_listed(unmatched)}{_hint(unmatched)}")
+                              f"({parts}): {_listed(unmatched)}{_hint(unmatched)}")
     alphas = _metadata_alphas(path, metadata)
     adapter: Adapter = {}
-    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     for name, slots in sorted(layers.items()):
         component, module_name = table[name]
         key = (component, module_name)
@@ -152,22 +157,21 @@ def _layer(path: Path, name: str, slots: dict[str, Tensor], module: nn.Module, a
     return LoRALayer(down.detach(), up.detach(), alpha)
 
 
-def _check_family(path: Path, data: dict[str, Tensor], unet: nn.Module, text_encoder: nn.Module | None,
-                  text_encoder_2: nn.Module | None = None) -> None:
+def _check_family(path: Path, data: dict[str, Tensor], models: dict[str, nn.Module]) -> None:
     """A LoRA for another family, told from the text width its layers read: the UNet's cross-attention k/v and
     each text encoder's q projection and first MLP layer; or from SDXL's second text encoder."""
-    ours = unet.config.cross_attention_dim
+    ours = models["unet"].config.cross_attention_dim
     family = FAMILY_WIDTHS.get(ours, f"a model with {ours}-wide text embeddings")
-    if text_encoder_2 is None and any(k.startswith(SECOND_ENCODER) for k in data):
+    second = ("lora_te2_", "text_encoder_2.")
+    if "text_encoder_2" not in models and any(k.startswith(second) for k in data):
         raise CheckpointError(f"{path}: a LoRA for SDXL (it adapts a second text encoder); this model is {family}")
-    text_pattern = r"(self_attn[._]q_proj|mlp[._]fc1)$"
+    text = r"(self_attn[._]q_proj|mlp[._]fc1)$"
     for key, tensor in data.items():
         split = _split_key(key)
         if split is None or split[1] != "down" or tensor.ndim < 2:
             continue
-        encoder = text_encoder_2 if split[0].startswith(SECOND_ENCODER) else text_encoder
-        widths = [(r"attn2[._]to_[kv]$", ours)]
-        widths += [] if encoder is None else [(text_pattern, encoder.config.hidden_size)]
+        encoder = models.get("text_encoder_2" if key.startswith(second) else "text_encoder")
+        widths = [(r"attn2[._]to_[kv]$", ours)] + ([(text, encoder.config.hidden_size)] if encoder else [])
         for pattern, expected in widths:
             if re.search(pattern, split[0]) and tensor.shape[1] != expected:
                 width = tensor.shape[1]
@@ -187,7 +191,7 @@ def _metadata_alphas(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: lora_adapter_metadata is not JSON: {e}") from None
     rules: dict[str, Any] = {}
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "text_encoder", "text_encoder_2"):
         config = {k[len(component) + 1:]: v for k, v in meta.items() if k.startswith(component + ".")}
         if "lora_alpha" in config:
             rules[component] = _alpha_rule(float(config["lora_alpha"]), config.get("alpha_pattern") or {})

@@ -76,7 +76,7 @@ def unet_blocks(cfg: UNetConfig) -> list[tuple[str, str, Local]]:
     (`.2.conv`) or right after the ResNet (`.1.conv`).
     """
     widths, n, per = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
-    depth = [transformer(d) for d in cfg.transformer_layers_per_block]  # each level's table; the mid block: last
+    depth = [transformer(d) for d in cfg.transformer_depths]  # each level's table; the mid block: last
     blocks: list[tuple[str, str, Local]] = []
 
     def resnet(src: str, dst: str, c_in: int, c_out: int) -> None:
