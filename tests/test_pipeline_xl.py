@@ -103,26 +103,25 @@ def test_sdxl_textual_inversion_matches_diffusers(tmp_path):
     assert torch.equal(ours.encode_prompt(["a photo of toy on a table"])[0], plain)
 
 
+KOHYA = {"unet": ("lora_unet_", 2.0), "text_encoder": ("lora_te1_", 8.0), "text_encoder_2": ("lora_te2_", 4.0)}
+
+
 def lora_file(path, pipe, kind: str) -> None:
     """A kohya (lora_unet_ / lora_te1_ / lora_te2_, with alphas) or PEFT (unet. / text_encoder. / text_encoder_2.)
-    LoRA for the UNet's attention layers and both text encoders' layers, updates ~10% of the weights."""
+    LoRA of rank 4 for the UNet's attention layers and both text encoders' layers (updates ~10% of the weights)."""
     from safetensors.torch import save_file
 
     g, sd = torch.Generator().manual_seed(1), {}
-    parts = [("unet", pipe.unet, "lora_unet_", 2.0), ("text_encoder", pipe.text_encoder, "lora_te1_", 8.0),
-             ("text_encoder_2", pipe.text_encoder_2, "lora_te2_", 4.0)]
-    for component, model, prefix, alpha in parts:
-        for name, m in model.named_modules():
-            if not isinstance(m, torch.nn.Linear) or not ("attentions" in name or "layers" in name):
-                continue
-            down = torch.randn(4, m.in_features, generator=g) / m.in_features ** 0.5
-            up = 0.1 * torch.randn(m.out_features, 4, generator=g)
+    suffixes = (".lora_down.weight", ".lora_up.weight") if kind == "kohya" else (".lora_A.weight", ".lora_B.weight")
+    for component, (prefix, alpha) in KOHYA.items():
+        linears = [(n, m) for n, m in getattr(pipe, component).named_modules()
+                   if isinstance(m, torch.nn.Linear) and ("attentions" in n or "layers" in n)]
+        for name, m in linears:
+            key = prefix + name.replace(".", "_") if kind == "kohya" else f"{component}.{name}"
+            sd[key + suffixes[0]] = torch.randn(4, m.in_features, generator=g) / m.in_features ** 0.5  # (r, in)
+            sd[key + suffixes[1]] = 0.1 * torch.randn(m.out_features, 4, generator=g)  # (out, r)
             if kind == "kohya":
-                key = prefix + name.replace(".", "_")
-                sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                       f"{key}.alpha": torch.tensor(alpha)}
-            else:
-                sd |= {f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up}
+                sd[key + ".alpha"] = torch.tensor(alpha)
     save_file(sd, path)
 
 
