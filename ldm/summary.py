@@ -7,6 +7,7 @@ modules' own dotted paths, which are the state-dict key prefixes (`down_blocks.0
 
     summarize(model, args, depth=3)      -> LayerTable   any nn.Module and the arguments of one forward call
     inspect_model("sd21-v", size=512)    -> {"text_encoder": LayerTable, "unet": ..., "vae": ...}
+                                            (SDXL: "text_encoder_2" too; the refiner has only that encoder)
     ldm inspect MODEL [--size PX] [--depth N] [--component unet]   (the same, printed)
 
 Each component's default depth is the one at which the explanatory posts print its torchinfo table

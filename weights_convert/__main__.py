@@ -61,7 +61,8 @@ How to read it. The original LatentDiffusion code numbers the UNet's sub-blocks 
 by resolution; diffusers nests them per level (`down_blocks.i.resnets.j`, `attentions.j`, `downsamplers.0`,
 `up_blocks.i`). The index arithmetic lives in `unet_rules.unet_blocks` and `vae_rules.vae_blocks`. A block's
 full keys are its prefix plus each line of its local table. Transforms (weights_convert/transforms.py):
-`conv1x1_to_linear` (VAE attention: (O, I, 1, 1) -> (O, I)), `split_qkv` (OpenCLIP's fused in_proj -> q, k, v).
+`conv1x1_to_linear` (VAE attention: (O, I, 1, 1) -> (O, I)), `split_qkv` (OpenCLIP's fused in_proj -> q, k, v),
+`transpose` (SDXL's bigG `text_projection`, applied as x @ W, -> a Linear weight).
 Everything the file holds that no model needs is dropped by a rule that says why; anything else is an error.
 """
 
@@ -94,10 +95,16 @@ def blocks_markdown(family: str) -> str:
             out.append(f"| `{src}` | `{dst or '(top level)'}` | {' + '.join(parts)} |")
         out.append("")
     rules = family_rules(family)
-    text = [r for r in rules if r.component == "text_encoder" and ".layers.0." in r.targets[0]]
-    out += ["### Text encoder, layer 0 (every layer alike)", "", format_table(text, markdown=True), ""]
-    other = [r for r in rules if r.component == "text_encoder" and ".layers." not in r.targets[0]]
-    out += ["### Text encoder, outside the layers", "", format_table(other, markdown=True), ""]
+    unet_extra = [r for r in rules if r.source.startswith(unet_rules.PREFIX + "label_emb.")]
+    if unet_extra:  # SDXL's micro-conditioning MLP
+        out += ["### UNet, the added-conditioning MLP", "", format_table(unet_extra, markdown=True), ""]
+    for component, title in (("text_encoder", "Text encoder"), ("text_encoder_2", "Text encoder 2 (OpenCLIP bigG)")):
+        text = [r for r in rules if r.component == component and ".layers.0." in r.targets[0]]
+        if not text:
+            continue
+        out += [f"### {title}, layer 0 (every layer alike)", "", format_table(text, markdown=True), ""]
+        other = [r for r in rules if r.component == component and ".layers." not in r.targets[0]]
+        out += [f"### {title}, outside the layers", "", format_table(other, markdown=True), ""]
     seen, dropped = set(), []
     for r in rules:
         if r.dropped and r.note not in seen and not r.source.startswith("model.diffusion_model"):
@@ -117,11 +124,13 @@ def render_doc() -> str:
                         ("VAE RESNET_SHORTCUT", vae_rules.RESNET_SHORTCUT), ("VAE ATTENTION", vae_rules.ATTENTION),
                         ("VAE ENDS (encoder., decoder.)", vae_rules.ENDS)):
         out += _local_md(name, table)
-    for family in ("sd15", "sd21-v"):
+    for family in ("sd15", "sd21-v", "sdxl-base"):
         out.append(blocks_markdown(family))
     out.append("The inpainting files (`sd15-inpaint`, `sd2-inpaint`) have the same keys; only "
                "`model.diffusion_model.input_blocks.0.0.weight` takes 9 input channels. `sd21-base` and `sd21-v` "
-               "have identical keys and shapes.\n")
+               "have identical keys and shapes. The SDXL refiner (`sdxl-refiner`) has the base's tables at its own "
+               "sizes (four levels, 4 transformer blocks each where there is attention) and only the bigG encoder, "
+               "at `conditioner.embedders.0.model.`: `python -m weights_convert table --family sdxl-refiner`.\n")
     return "\n".join(out)
 
 

@@ -198,7 +198,7 @@ def checkpoint_rules(preset: FamilyPreset, layout: Layout, ema: bool = False) ->
         if layout.clip_prefix:
             rules += clip_rules(preset.text, layout.clip_prefix)
         rules += openclip_rules(preset.text_encoder_2, layout.clip2_prefix, "text_encoder_2", projection=True)
-        rules.append(drop("denoiser.sigmas", "the EDM denoiser's sigma table; the scheduler recomputes it",
+        rules.append(drop("denoiser.sigmas", "the sgm denoiser's sigma table; the scheduler recomputes it",
                           optional=True))
     elif layout.generation == 1:
         rules += clip_rules(preset.text, layout.clip_prefix)
