@@ -23,13 +23,15 @@ _EXPORTS = {
     # generating
     "StableDiffusionPipeline": "ldm.pipeline", "StableDiffusionUpscalePipeline": "ldm.upscale",
     "StableDiffusionControlNetPipeline": "ldm.pipeline_controlnet",
+    "StableDiffusionXLPipeline": "ldm.pipeline_xl",
     # Loading is the converter's job (weights_convert/), re-exported here because `ldm.load_pipeline` is the
     # documented entry point. Model files never import weights_convert; this lazy seam is the one exception.
     "load_pipeline": "weights_convert.load",
 }
 _SUBMODULES = {"attention", "config", "schedulers", "research", "pipeline", "unet", "vae", "clip", "tokenizer",
                "optimize", "upscale",
-               "adapters", "embeddings", "lora", "controlnet"}
+               "adapters", "embeddings", "lora", "controlnet",
+               "pipeline_xl"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 __version__ = "0.1.0"

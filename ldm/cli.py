@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command's and each feature's options live with its code: `add_arguments(parser)` in its module.
-    from ldm import adapters, batch, control_cli, hires, summary, upscale_cli
+    from ldm import adapters, batch, control_cli, hires, summary, upscale_cli, xl_cli
     from ldm.train import cli as train_cli
     from ldm.train import embedding_cli
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_arguments(g)  # --embedding, --lora, --lora-dir (ldm/adapters.py)
     batch.add_arguments(g)  # --prompts, --outdir, --batch-size (ldm/batch.py)
     hires.add_arguments(g)  # --hires-* (ldm/hires.py)
+    xl_cli.add_arguments(g)  # SDXL: --prompt-2, --refiner, micro-conditioning (ldm/xl_cli.py)
     g.set_defaults(run=generate)
 
     for name, module, help_, description in (
@@ -172,9 +173,10 @@ def describe_error(e: BaseException) -> str:
 def generate(args: argparse.Namespace) -> int:
     """`ldm generate`: check everything a model is not needed for, load the model, then run and write the images
     batch by batch (and the attention maps, if asked). A batch job (--prompts) is ldm/batch.py's."""
-    from ldm import batch
+    from ldm import batch, xl_cli
 
     if batch.requested(args):
+        xl_cli.check_batch(args)  # SDXL options are not part of a batch job
         return batch.run(args)
     outputs = _check_args(args)
     pipe = _load(args)
@@ -466,6 +468,10 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
     """Run the right pipeline method under a progress bar. Returns the output and the (width, height)."""
     from tqdm import tqdm
 
+    from ldm import xl_cli
+
+    if xl_cli.applies(pipe, args):  # SDXL, with its refiner hand-off (ldm/xl_cli.py)
+        return xl_cli.run(pipe, args, common)
     if args.hires_scale is not None:
         from ldm.hires import run_hires
 
@@ -515,6 +521,9 @@ def _stamp(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
         from ldm.hires import hires_fields
 
         extra.update(hires_fields(args))
+    from ldm import xl_cli
+
+    extra.update(xl_cli.fields(args))  # Refiner, Refiner switch at (A1111's names)
     return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
                 guidance_scale=args.guidance, model_name=_model_name(args.model), model_hash=model_hash(args.model),
                 extra=extra)

@@ -258,11 +258,19 @@ def warm_up(pipe: Any, *, height: int | None = None, width: int | None = None, b
     sample = torch.zeros(rows, pipe.unet.config.in_channels, height // f, width // f, device=pipe.device,
                          dtype=pipe.dtype)
     context = torch.zeros(rows, 77, pipe.unet.config.cross_attention_dim, device=pipe.device, dtype=pipe.dtype)
+    extra = {}
+    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":  # SDXL's pooled text and time ids
+        cfg = pipe.unet.config
+        pooled = pipe.text_encoder_2.config.projection_dim
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(rows, pooled, device=pipe.device, dtype=pipe.dtype),
+            "time_ids": torch.zeros(rows, (cfg.projection_class_embeddings_input_dim - pooled)
+                                    // cfg.addition_time_embed_dim, device=pipe.device, dtype=pipe.dtype)}
     _sync(pipe.device)
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(calls):
-            pipe.unet(sample, t, context)
+            pipe.unet(sample, t, context, **extra)
     _sync(pipe.device)
     return time.perf_counter() - start
 

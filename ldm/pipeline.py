@@ -123,7 +123,8 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            if module is not None:  # the SDXL refiner has no first text encoder
+                module.to(device=device, dtype=dtype)
         return self
 
     def optimize(self, **levers: Any) -> StableDiffusionPipeline:
@@ -303,17 +304,20 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
 
     def denoise(self, latents: Tensor, context: Tensor, scheduler: Any, timesteps: Tensor, guidance_scale: float, *,
                 step_kwargs: dict[str, Any], callback: Callback | None = None, condition: Tensor | None = None,
-                blend: Callable[[int, Tensor], Tensor] | None = None,
-                class_labels: Tensor | None = None, control: Control | None = None) -> tuple[Tensor, int]:
+                blend: Callable[[int, Tensor], Tensor] | None = None, class_labels: Tensor | None = None,
+                control: Control | None = None, added_cond: dict[str, Tensor] | None = None) -> tuple[Tensor, int]:
         """Run the scheduler over `timesteps` from `latents` (B, C, h, w). Returns the final latents, steps taken.
 
         context: (2B, S, D) [uncond; cond] when guidance_scale > 1, else (B, S, D). condition: extra UNet input
         channels (inpainting checkpoints, the upscaler's low-resolution image). blend(i, latents): applied after
         each step (inpainting by blending). class_labels: (2B or B,) for UNets with a class embedding (the
         upscaler's noise level). control: the ControlNets' residuals, computed on the scaled latents before any
-        condition channels.
+        condition channels. added_cond: the UNet's added conditioning, rows as the context's (SDXL: text_embeds
+        (2B or B, 1280) and time_ids (2B or B, 6)), passed as `added_cond_kwargs`.
         """
         extra = {} if class_labels is None else {"class_labels": class_labels}
+        if added_cond is not None:
+            extra["added_cond_kwargs"] = added_cond
         guided = guidance_scale > 1
         for i, t in enumerate(timesteps):
             x = torch.cat([latents] * 2) if guided else latents  # (2B or B, C, h, w)
@@ -352,8 +356,9 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
     def _prepare(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None, num_inference_steps: int,
                  guidance_scale: float, seed: int | None, generator: Generator, num_images_per_prompt: int,
                  scheduler: Any, eta: float, callback: Callback | None, clip_skip: int | None, output_type: str,
-                 weighting: bool) -> _Run:
-        """Validate the common arguments, encode the prompts, set up the scheduler and the generators."""
+                 weighting: bool, text: dict[str, Any] | None = None) -> _Run:
+        """Validate the common arguments, encode the prompts, set up the scheduler and the generators. text: more
+        arguments of a subclass's `_conditioning` (SDXL's second prompts)."""
         steps, n_per_prompt = num_inference_steps, num_images_per_prompt
         prompts = _prompts(prompt, "prompt")
         negatives = [""] * len(prompts) if negative_prompt is None else _prompts(negative_prompt, "negative_prompt")
@@ -389,19 +394,20 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         elif eta != 0:
             raise ValueError(f"eta={eta} needs a scheduler that takes it (DDIM); {type(sched).__name__} does not")
 
-        # As diffusers: the prompts, then the negatives (padded to as many 77-token chunks as the prompts, or the
-        # prompts to theirs), each row repeated num_images_per_prompt times.
         guided = guidance_scale > 1
-        cond, uncond = self._prompt_cache(self._encode_prompts, self.text_encoder, self.tokenizer, prompts,
-                                          negatives if guided else None, clip_skip, weighting,
-                                          extra=self.textual_inversion.state)
-        if guided:
-            context = torch.cat([uncond.repeat_interleave(n_per_prompt, dim=0),
-                                 cond.repeat_interleave(n_per_prompt, dim=0)])  # (2B, S, D)
-        else:
-            context = cond.repeat_interleave(n_per_prompt, dim=0)
-        context = context.to(self.device, self.dtype)  # (2B or B, S, D)
-        return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback)
+        context, added_cond = self._conditioning(prompts, negatives if guided else None, n_per_prompt, clip_skip,
+                                                 weighting, **(text or {}))
+        return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback,
+                     added_cond)
+
+    def _conditioning(self, prompts: list[str], negatives: list[str] | None, n_per_prompt: int,
+                      clip_skip: int | None, weighting: bool) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """The UNet's text inputs: the context (2B or B, S, D) and the added conditioning (None here; SDXL's pooled
+        text embedding). As diffusers: the prompts, then the negatives (padded to as many 77-token chunks as the
+        prompts, or the prompts to theirs), each row repeated num_images_per_prompt times."""
+        cond, uncond = self._prompt_cache(self._encode_prompts, self.text_encoder, self.tokenizer, prompts, negatives,
+                                          clip_skip, weighting, extra=self.textual_inversion.state)
+        return guided_batch(cond, uncond, n_per_prompt).to(self.device, self.dtype), None  # (2B or B, S, D)
 
     def _begin(self, prompt: str | list[str], height: int, width: int, *, num_inference_steps: int,
                strength: float | None = None, **settings: Any) -> _Run:
@@ -528,6 +534,14 @@ class _Run:
     callback: Callback | None
     timesteps: Tensor | None = None  # the steps this call runs (set by _begin)
     control: Control | None = None  # the call's ControlNets (set by _begin; ldm/control.py)
+    added_cond: dict[str, Tensor] | None = None  # the UNet's added_cond_kwargs, rows as the context's (SDXL)
+
+
+def guided_batch(cond: Tensor, uncond: Tensor | None, n_per_prompt: int) -> Tensor:
+    """[uncond; cond] with each prompt's row repeated n_per_prompt times (2B, ...), or cond alone (B, ...) without
+    guidance (uncond None): the row order of diffusers' guided batch."""
+    cond = cond.repeat_interleave(n_per_prompt, dim=0)
+    return cond if uncond is None else torch.cat([uncond.repeat_interleave(n_per_prompt, dim=0), cond])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Embedding formats (one word per file, n >= 1 vectors of width D):
 | A1111 `.pt` | `string_to_param: {"*": (n, D)}`, `name`, `string_to_token`, `step`, ... | the file stem (A1111's) |
 | A1111 / kohya `.safetensors` | `emb_params: (n, D)` or `string_to_param.*` | the file stem |
 | diffusers `learned_embeds.bin` / `.safetensors` | `{"<word>": (D,) or (n, D)}` | the key (diffusers') |
-SDXL embeddings (`clip_l` + `clip_g`) are refused with that reason.
+| A1111 / kohya SDXL `.safetensors` | `clip_l: (n, 768)`, `clip_g: (n, 1280)` (`read_sdxl_embedding`) | the file stem |
+An SDXL embedding given to `read_embedding` (an SD 1.x / 2.x pipeline) is refused with that reason.
 """
 
 from __future__ import annotations
@@ -79,10 +80,34 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embeddi
     return Embedding(word, vectors.detach().to(torch.float32).clone(), str(path))
 
 
+def read_sdxl_embedding(path: str | os.PathLike, token: str | None = None) -> tuple[Embedding, Embedding]:
+    """An SDXL textual inversion file: the word's vectors for CLIP-L (`clip_l`, (n, 768)) and for OpenCLIP bigG
+    (`clip_g`, (n, 1280)), float32, each named after its encoder in `source`."""
+    path = Path(path)
+    data, _ = read_tensors_file(path)
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise ValueError(f"textual inversion: token must be a non-empty string, got {token!r}")
+    if "clip_l" not in data or "clip_g" not in data:
+        raise CheckpointError(f"{path}: not an SDXL textual inversion file: expected clip_l and clip_g tensors, "
+                              f"found keys {sorted(data)[:8]}")
+    out = []
+    for key in ("clip_l", "clip_g"):
+        vectors = data[key]
+        if not isinstance(vectors, Tensor) or not vectors.is_floating_point() or vectors.ndim != 2 \
+                or vectors.shape[0] == 0:
+            got = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+            raise CheckpointError(f"{path}: {key} must be floating-point vectors (n, D), got {got}")
+        out.append(Embedding(token or path.stem, vectors.detach().to(torch.float32).clone(), f"{path} ({key})"))
+    if out[0].vectors.shape[0] != out[1].vectors.shape[0]:
+        raise CheckpointError(f"{path}: clip_l has {out[0].vectors.shape[0]} vectors but clip_g "
+                              f"{out[1].vectors.shape[0]}: one per token position in both encoders")
+    return out[0], out[1]
+
+
 def _find_vectors(path: Path, data: dict[str, Any]) -> tuple[str | None, Any]:
     """(the file's own word or None, the vectors) by format."""
     if "clip_l" in data and "clip_g" in data:
-        raise CheckpointError(f"{path}: an SDXL embedding (clip_l + clip_g); SDXL is not a family ldm loads")
+        raise CheckpointError(f"{path}: an SDXL embedding (clip_l + clip_g): load it into an SDXL pipeline")
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
         params = getattr(params, "_parameters", params)  # an nn.ParameterDict in old files

@@ -476,17 +476,6 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
 # Entry points
 
 
-def _xl_pipeline_class() -> type:
-    """ldm.pipeline_xl.StableDiffusionXLPipeline, or NotImplementedError where this build lacks it."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("ldm.pipeline_xl") is None:
-        raise NotImplementedError("an SDXL model: this build has no ldm.pipeline_xl.StableDiffusionXLPipeline; "
-                                  "weights_convert.load.load_components(...) loads its parts")
-    return importlib.import_module("ldm.pipeline_xl").StableDiffusionXLPipeline
-
-
 def _check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None (the file's own), "
@@ -547,6 +536,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
     the pipeline is an ldm.StableDiffusionControlNetPipeline.
     """
     from ldm.pipeline import StableDiffusionPipeline
+    from ldm.pipeline_xl import StableDiffusionXLPipeline
     from ldm.upscale import StableDiffusionUpscalePipeline
 
     if not isinstance(optimize, bool):
@@ -556,7 +546,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, *, dtype: torch.dtype | Non
     if parts.text_encoder_2 is not None:  # SDXL base or refiner: diffusers' StableDiffusionXLPipeline
         if controlnet is not None:
             raise ValueError("controlnet: SDXL ControlNets are not supported (ControlNet here is for SD 1.x / 2.x)")
-        return _xl_pipeline_class()(**parts.pipeline_kwargs(), optimize=optimize)
+        return StableDiffusionXLPipeline(**parts.pipeline_kwargs(), optimize=optimize)
     if is_upscaler(parts.unet.config):  # the pipeline class that fits the checkpoint, as diffusers picks it
         if controlnet is not None:
             raise ValueError("controlnet: the x4 upscaler takes no ControlNet (they are made for SD 1.x / 2.x UNets)")
