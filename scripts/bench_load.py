@@ -7,8 +7,7 @@ file, same run, warm page cache; or the SDXL base file (`--model sdxl-base`, dif
 SD 1.5, three paths: the fp32 file loaded as fp32 (same dtype), the fp16 file loaded as fp32, the fp32 file loaded
 as fp16. SDXL base (the official file is fp16, 6.9 GB; fp32 would be 14 GB per copy): the fp16 file loaded as fp16
 and as bf16. `--file` measures that file (e.g. the real sd_xl_base_1.0.safetensors) instead of a synthetic one and
-keeps it. Where this build has no ldm.pipeline_xl yet, "ours" for SDXL is weights_convert.load.load_components (the
-same loading, without the pipeline object).
+keeps it.
 Each measurement runs in a fresh process (so peak RSS is that load's alone): import the library, then time the
 load plus one pass reading every weight (`p.sum()` over every parameter: a lazy or memory-mapped load must not
 hide its cost). Peak RSS is the process's high-water mark (ru_maxrss); "over base" subtracts the RSS measured
@@ -44,8 +43,6 @@ def _rss_bytes() -> int:
 def child(loader: str, file: str, dtype_name: str, model: str) -> None:
     """One measurement, in this (fresh) process; prints a JSON line."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import importlib.util
-
     import torch
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
@@ -57,8 +54,6 @@ def child(loader: str, file: str, dtype_name: str, model: str) -> None:
         import weights_convert.load  # noqa: F401  (imports before the clock starts, as for diffusers)
 
         load = ldm.load_pipeline
-        if xl and importlib.util.find_spec("ldm.pipeline_xl") is None:
-            load = weights_convert.load.load_components  # no SDXL pipeline class in this build: the parts
         base = _rss_bytes()
         t0 = time.perf_counter()
         pipe = load(file, dtype=dtype, family=family)
