@@ -44,7 +44,8 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description="Stable Diffusion 1.x / 2.x from scratch in PyTorch.")
+    parser = argparse.ArgumentParser(prog="ldm",
+                                     description="Stable Diffusion (1.x, 2.x, SDXL) from scratch in PyTorch.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command's and each feature's options live with its code: `add_arguments(parser)` in its module.
