@@ -166,6 +166,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--hires-steps must be >= 1, got {args.hires_steps}")
     if args.init_image is not None:
         raise UsageError("--hires-scale applies to txt2img, not with --init-image")
+    if getattr(args, "controlnet", None):  # hires_fix runs the plain txt2img and img2img passes
+        raise UsageError("--hires-scale does not take --controlnet (the hires fix runs without ControlNets)")
     if args.hires_model is not None:
         if args.hires_upscaler is not None:
             raise UsageError("give --hires-upscaler or --hires-model, not both")

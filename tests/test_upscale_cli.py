@@ -195,6 +195,8 @@ def test_generate_hires_writes_the_large_png_with_a1111_fields(tmp_path, x4_fold
     (["--hires-scale", "2", "--hires-model", "nope/missing.safetensors"], "--hires-model: no such file"),
     (["--hires-scale", "2", "--hires-model", "SHAPES"], "not the x4 upscaler"),
     (["--model", "X4"], "is the x4 upscaler: use `ldm upscale"),
+    (["--hires-scale", "2", "--controlnet", "cn.safetensors", "--control-image", "edges.png"],
+     "--hires-scale does not take --controlnet"),
 ])
 def test_generate_hires_bad_input_exits_2_and_writes_nothing(tmp_path, ldm_main, x4_folder, args, message):
     args = [{"SHAPES": str(DEFAULT_MODEL_DIR), "X4": str(x4_folder)}.get(a, a) for a in args]
