@@ -22,7 +22,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--control-image", action="append", metavar="IMG", default=None,
                    help="the control image of each --controlnet, in order (resized to the output)")
     g.add_argument("--control-scale", action="append", type=float, metavar="S", default=None,
-                   help="conditioning scale, once for all or once per --controlnet (default 1.0)")
+                   help="conditioning scale, once for all or once per --controlnet (default as diffusers: 1.0, "
+                        "0.8 with --init-image, 0.5 with --mask)")
     g.add_argument("--control-start", action="append", type=float, metavar="A", default=None,
                    help="fraction of the steps after which a ControlNet starts acting (default 0.0)")
     g.add_argument("--control-end", action="append", type=float, metavar="B", default=None,
@@ -78,9 +79,11 @@ def pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for path, step in zip(args.control_image, steps):
         image = open_image(path, "--control-image")
         images.append(canny_image(image, args.canny_low, args.canny_high) if step == "canny" else image)
-    return {"control_image": images, "controlnet_conditioning_scale": _each(args.control_scale or [1.0], n),
-            "control_guidance_start": _each(args.control_start or [0.0], n),
-            "control_guidance_end": _each(args.control_end or [1.0], n), "guess_mode": args.guess_mode}
+    kwargs = {"control_image": images, "control_guidance_start": _each(args.control_start or [0.0], n),
+              "control_guidance_end": _each(args.control_end or [1.0], n), "guess_mode": args.guess_mode}
+    if args.control_scale:  # else the entry point's own default (diffusers': txt2img 1.0, img2img 0.8, inpaint 0.5)
+        kwargs["controlnet_conditioning_scale"] = _each(args.control_scale, n)
+    return kwargs
 
 
 def _each(values: list[Any], n: int) -> list[Any]:

@@ -70,6 +70,21 @@ def test_generate_with_canny_controlnet_matches_the_library(files, tmp_path) -> 
     assert np.abs(plain - ref).max() > 1 / 255  # the ControlNet did change the picture
 
 
+def test_img2img_without_control_scale_takes_the_entry_points_default(files, tmp_path) -> None:
+    # No --control-scale: the library's (diffusers') img2img default, 0.8, not txt2img's 1.0.
+    out, photo = tmp_path / "cn-i2i.png", files["root"] / "photo.png"
+    assert run(files, out, "--controlnet", str(files["folder"]), "--control-image", str(photo), "--init-image",
+               str(photo), "--strength", "1.0") == 0
+    pipe = ldm.load_pipeline(files["model"], controlnet=files["folder"])
+    ref = pipe.img2img("a photo of a cat", Image.open(photo), strength=1.0, control_image=Image.open(photo),
+                       num_inference_steps=2, seed=3, scheduler="ddim", output_type="np").images
+    assert_images_close(np.asarray(Image.open(out), dtype=np.float32)[None] / 255, ref)
+    full = pipe.img2img("a photo of a cat", Image.open(photo), strength=1.0, control_image=Image.open(photo),
+                        controlnet_conditioning_scale=1.0, num_inference_steps=2, seed=3, scheduler="ddim",
+                        output_type="np").images
+    assert np.abs(full - ref).max() > 1 / 255  # the default matters: txt2img's 1.0 gives another picture
+
+
 @pytest.mark.parametrize("name, extra, message", [
     ("nozero", ["--controlnet", "{root}/nozero.safetensors", "--control-image", "{root}/photo.png"],
      "missing key"),
