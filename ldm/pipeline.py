@@ -398,7 +398,7 @@ class StableDiffusionPipeline(AdapterMixin):  # AdapterMixin: load_textual_inver
         context, added_cond = self._conditioning(prompts, negatives if guided else None, n_per_prompt, clip_skip,
                                                  weighting, **(text or {}))
         return _Run(batch, context, guided, float(guidance_scale), generator, seeds, sched, step_kwargs, callback,
-                     added_cond)
+                    added_cond=added_cond)
 
     def _conditioning(self, prompts: list[str], negatives: list[str] | None, n_per_prompt: int,
                       clip_skip: int | None, weighting: bool) -> tuple[Tensor, dict[str, Tensor] | None]:
