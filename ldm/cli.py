@@ -478,7 +478,7 @@ def _run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[A
 
         return run_hires(pipe, args, common)
 
-    steps = args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
+    steps = _steps_run(args)
     with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
         common["callback"] = lambda i, t, latents: bar.update(1)
         if args.init_image is None:
@@ -494,6 +494,11 @@ def _strength(args: argparse.Namespace) -> float:
     if args.strength is not None:
         return args.strength
     return 1.0 if args.mask is not None else 0.8
+
+
+def _steps_run(args: argparse.Namespace) -> int:
+    """The denoising steps a run takes (the progress bar's length): all, or with --init-image the strength's share."""
+    return args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
 
 
 def _image_size(path: str) -> tuple[int, int]:

@@ -67,12 +67,12 @@ def run(pipe: Any, args: argparse.Namespace, common: dict[str, Any]) -> tuple[An
     """One batch of an SDXL generation, with the refiner when --refiner; returns (output, (width, height))."""
     from tqdm import tqdm
 
-    from ldm.cli import _strength
+    from ldm.cli import _steps_run
 
     refiner = _refiner(pipe, args)
     kwargs = {**common, **_conditioning(args)}
     start = args.refiner_start or DEFAULT_REFINER_START
-    steps = args.steps if args.init_image is None else min(int(args.steps * _strength(args)), args.steps)
+    steps = _steps_run(args)
     with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=None) as bar:
         kwargs["callback"] = lambda i, t, latents: bar.update(1)
         if refiner is None:
